@@ -1,0 +1,29 @@
+# The two commands: `make run` (the whole stack) and `make test` (the suite).
+# Each creates .venv and installs the project on first use; nothing else is needed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fluxpipe up $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check schemas services tests migrations
+	$(BIN)/ruff format --check schemas services tests migrations
+	$(BIN)/mypy schemas services
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

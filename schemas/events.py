@@ -1,0 +1,238 @@
+"""The event log's contract: one envelope, one frozen pydantic model per event, versioned.
+
+Every event is a ``FluxEvent``: the envelope fields plus a ``type`` literal and a typed
+``data`` payload. ``decode_event`` reads any of them from JSON through one discriminated
+union; an unknown ``type`` or ``version`` raises ``UnknownEvent`` so consumers can
+dead-letter it instead of crash-looping.
+
+Subjects carry the task: ``<prefix>.task.<task_id>.<token>``, so a task's whole story is the
+filter ``<prefix>.task.<task_id>.>``. ``msg_id`` is deterministic (task, event and, for
+repeatable events, a sequence number) and is sent as ``Nats-Msg-Id`` so a publish retried
+after a crash is dropped by the server's de-duplication window.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+TaskStatus = Literal["PENDING", "IN_QUEUE", "IN_PROGRESS", "SUCCESS", "FAILED", "CANCELLED"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"SUCCESS", "FAILED", "CANCELLED"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FluxEvent(_Frozen):
+    """The envelope every event shares."""
+
+    token: ClassVar[str]
+    terminal: ClassVar[bool] = False
+
+    event_id: UUID = Field(default_factory=uuid4)
+    version: int = 1
+    task_id: str
+    user_id: str
+    occurred_at: datetime = Field(default_factory=utcnow)
+    causation_id: UUID | None = None
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.task.{self.task_id}.{self.token}"
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.task_id}.{self.token}"
+
+
+# --- payloads ---------------------------------------------------------------------------
+
+
+class TaskRequestedData(_Frozen):
+    model: str
+    task_type: Literal["text_to_image", "image_to_image"]
+    prompt: str | None = None
+    image_urls: tuple[str, ...] = ()
+    num_images: int = 1
+    aspect_ratio: str | None = None
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    seed: int | None = None
+    safety_tolerance: str | None = None
+    strength: float | None = None
+    output_format: Literal["jpeg", "png"] = "jpeg"
+
+
+class TaskSubmittedData(_Frozen):
+    request_id: str
+    status_url: str
+    response_url: str
+    cancel_url: str
+    queue_position: int | None = None
+
+
+class TaskStatusChangedData(_Frozen):
+    status: Literal["IN_QUEUE", "IN_PROGRESS"]
+    queue_position: int | None = None
+    seq: int = Field(ge=1, description="n-th status change of this task; part of the msg id")
+
+
+class ProviderImage(_Frozen):
+    url: str
+    width: int | None = None
+    height: int | None = None
+    content_type: str | None = None
+
+
+class TaskCompletedData(_Frozen):
+    request_id: str
+    images: tuple[ProviderImage, ...]
+    seed: int | None = None
+    generation_time: float | None = None
+    has_nsfw_concepts: tuple[bool, ...] = ()
+
+
+class TaskFailedData(_Frozen):
+    stage: Literal["submit", "poll", "result", "timeout", "storage"]
+    error: str
+    error_type: str | None = None
+    status_code: int | None = None
+    request_id: str | None = None
+
+
+class StoredImage(_Frozen):
+    url: str
+    key: str
+    content_type: str
+    width: int
+    height: int
+    size: int
+
+
+class ImagesStoredData(_Frozen):
+    images: tuple[StoredImage, ...]
+
+
+class StorageFailedData(_Frozen):
+    error: str
+
+
+class TaskCancelledData(_Frozen):
+    reason: str = "cancelled by user"
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+class TaskRequested(FluxEvent):
+    token: ClassVar[str] = "requested"
+    type: Literal["task.requested"] = "task.requested"
+    data: TaskRequestedData
+
+
+class TaskSubmitted(FluxEvent):
+    token: ClassVar[str] = "submitted"
+    type: Literal["task.submitted"] = "task.submitted"
+    data: TaskSubmittedData
+
+
+class TaskStatusChanged(FluxEvent):
+    token: ClassVar[str] = "status"
+    type: Literal["task.status_changed"] = "task.status_changed"
+    data: TaskStatusChangedData
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.task_id}.{self.token}.{self.data.seq}"
+
+
+class TaskCompleted(FluxEvent):
+    token: ClassVar[str] = "completed"
+    terminal: ClassVar[bool] = True
+    type: Literal["task.completed"] = "task.completed"
+    data: TaskCompletedData
+
+
+class TaskFailed(FluxEvent):
+    token: ClassVar[str] = "failed"
+    terminal: ClassVar[bool] = True
+    type: Literal["task.failed"] = "task.failed"
+    data: TaskFailedData
+
+
+class ImagesStored(FluxEvent):
+    token: ClassVar[str] = "stored"
+    type: Literal["task.images_stored"] = "task.images_stored"
+    data: ImagesStoredData
+
+
+class StorageFailed(FluxEvent):
+    token: ClassVar[str] = "storage_failed"
+    type: Literal["task.storage_failed"] = "task.storage_failed"
+    data: StorageFailedData
+
+
+class TaskCancelled(FluxEvent):
+    token: ClassVar[str] = "cancelled"
+    terminal: ClassVar[bool] = True
+    type: Literal["task.cancelled"] = "task.cancelled"
+    data: TaskCancelledData
+
+
+EVENT_TYPES: tuple[type[FluxEvent], ...] = (
+    TaskRequested,
+    TaskSubmitted,
+    TaskStatusChanged,
+    TaskCompleted,
+    TaskFailed,
+    ImagesStored,
+    StorageFailed,
+    TaskCancelled,
+)
+SUPPORTED_VERSIONS: dict[str, int] = {t.model_fields["type"].default: 1 for t in EVENT_TYPES}
+
+AnyEvent = Annotated[
+    TaskRequested
+    | TaskSubmitted
+    | TaskStatusChanged
+    | TaskCompleted
+    | TaskFailed
+    | ImagesStored
+    | StorageFailed
+    | TaskCancelled,
+    Field(discriminator="type"),
+]
+_adapter: TypeAdapter[Any] = TypeAdapter(AnyEvent)
+
+
+class UnknownEvent(ValueError):
+    """The payload is not an event this code understands (type, version or shape)."""
+
+
+def decode_event(raw: bytes | str) -> FluxEvent:
+    """Decode one event from JSON; raise ``UnknownEvent`` with the reason if we cannot."""
+    try:
+        event: FluxEvent = _adapter.validate_json(raw)
+    except ValidationError as exc:
+        raise UnknownEvent(_first_error(exc)) from exc
+    expected = SUPPORTED_VERSIONS[event.type]  # type: ignore[attr-defined]
+    if event.version != expected:
+        raise UnknownEvent(f"{event.type} version {event.version} is not supported (expected {expected})")
+    return event
+
+
+def encode_event(event: FluxEvent) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else err["msg"]

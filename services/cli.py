@@ -1,0 +1,285 @@
+"""``fluxpipe``: run the stack or one service, migrate, issue tokens, read a task's events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from services.common.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", envvar="FLUXPIPE_DATA_DIR", help="Where the embedded servers keep data")
+]
+DEFAULT_DATA_DIR = Path(".data")
+RUNTIME_FILE = "runtime.json"
+SECRET_FILE = "jwt-secret"
+
+
+class Service(StrEnum):
+    gateway = "gateway"
+    submitter = "submitter"
+    poller = "poller"
+    uploader = "uploader"
+    projector = "projector"
+    simulator = "simulator"
+
+
+WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader)
+
+
+def load_settings(data_dir: Path = DEFAULT_DATA_DIR) -> Settings:
+    """Settings from the environment; what it leaves unset comes from a running ``fluxpipe up``
+    in ``data_dir`` (its URLs) and from the data folder's JWT secret."""
+    extra: dict[str, Any] = {}
+    runtime = data_dir / RUNTIME_FILE
+    if runtime.exists():
+        extra.update({k: v for k, v in json.loads(runtime.read_text()).items() if k not in os.environ})
+    secret = data_dir / SECRET_FILE
+    if "FLUXPIPE_JWT_SECRET" not in os.environ and secret.exists():
+        extra["FLUXPIPE_JWT_SECRET"] = secret.read_text().strip()
+    return Settings(**extra)
+
+
+@app.command()
+def run(
+    service: Service,
+    host: Annotated[str, typer.Option(help="Listen address (gateway, simulator)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Listen port (gateway, simulator)")] = 8080,
+) -> None:
+    """Run one service in the foreground until SIGINT/SIGTERM."""
+    settings = Settings()
+    if service is Service.simulator:
+        from services.simulator.app import SimulatorSettings
+        from services.simulator.app import main as simulate
+
+        simulate(
+            host,
+            port,
+            SimulatorSettings(
+                api_key=settings.fal_key.get_secret_value(),
+                public_url=os.environ.get("FLUXPIPE_SIM_PUBLIC_URL", f"http://{host}:{port}"),
+                queue_seconds=float(os.environ.get("FLUXPIPE_SIM_QUEUE_SECONDS", "0.5")),
+                run_seconds=float(os.environ.get("FLUXPIPE_SIM_RUN_SECONDS", "1.5")),
+            ),
+        )
+        return
+    from services.common.runtime import run_until_signalled, setup_logging
+
+    setup_logging(settings, service.value)
+    if service is Service.gateway:
+        import uvicorn
+
+        from services.gateway.app import create_app
+
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        return
+    module = __import__(f"services.{service.value}.main", fromlist=["main"])
+    asyncio.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+
+
+@app.command()
+def migrate(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Apply the Alembic migrations (``alembic upgrade head``)."""
+    from services.common.migrate import upgrade
+
+    upgrade(load_settings(data_dir))
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option(help="User id (the token's subject)")],
+    admin: Annotated[bool, typer.Option("--admin", help="Grant admin rights")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Print a bearer token the gateway accepts (HS256 JWT signed with the configured secret)."""
+    from services.common.auth import issue_token
+
+    typer.echo(issue_token(load_settings(data_dir), user, admin=admin))
+
+
+def _summary(event: Any) -> str:
+    d = event.data
+    match event.type:
+        case "task.requested":
+            return f"{d.model} prompt={(d.prompt or '')[:60]!r}"
+        case "task.submitted":
+            return f"request_id={d.request_id} queue_position={d.queue_position}"
+        case "task.status_changed":
+            return d.status + (f" queue_position={d.queue_position}" if d.queue_position is not None else "")
+        case "task.completed":
+            return f"{len(d.images)} image(s) generation_time={d.generation_time}"
+        case "task.failed":
+            return f"[{d.stage}] {d.error}"
+        case "task.images_stored":
+            return " ".join(img.url for img in d.images)
+        case "task.storage_failed":
+            return d.error
+        case _:
+            return ""
+
+
+@app.command()
+def events(
+    task_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Print a task's event story, read back from JetStream in stream order."""
+    from services.common.bus import Bus
+
+    async def story() -> list[tuple[int, Any]]:
+        bus = await Bus.connect(load_settings(data_dir), "cli")
+        try:
+            return await bus.task_story(task_id)
+        finally:
+            await bus.close()
+
+    found = asyncio.run(story())
+    if not found:
+        typer.echo(f"no events for task {task_id}", err=True)
+        raise typer.Exit(1)
+    for seq, event in found:
+        if as_json:
+            typer.echo(json.dumps({"seq": seq, **event.model_dump(mode="json")}))
+        else:
+            typer.echo(
+                f"{seq:>8}  {event.occurred_at.isoformat(timespec='milliseconds')}  {event.type:<22} "
+                f"{_summary(event)}"
+            )
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8080,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Run the whole stack: NATS, PostgreSQL, migrations, simulator, gateway and the four workers.
+
+    Uses NATS_URL / DATABASE_URL / FAL_BASE_URL when set, else starts embedded servers and the
+    fal simulator. Ctrl-C stops everything it started.
+    """
+    from services.common.auth import issue_token, load_or_create_secret
+    from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port, wait_for_port
+    from services.common.migrate import upgrade
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    started: list[Any] = []
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    runtime = data_dir / RUNTIME_FILE
+    try:
+        env = dict(os.environ)
+        env.setdefault("FLUXPIPE_JWT_SECRET", load_or_create_secret(data_dir / SECRET_FILE))
+        env.setdefault("FLUXPIPE_STORAGE_DIR", str(data_dir / "storage"))
+        env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
+        env["PYTHONUNBUFFERED"] = "1"
+        if "NATS_URL" not in os.environ:
+            nats_server = EmbeddedNats.start(data_dir / "nats")
+            started.append(nats_server)
+            env["NATS_URL"] = nats_server.url
+        if "DATABASE_URL" not in os.environ:
+            pg = EmbeddedPostgres.start(data_dir / "pg")
+            started.append(pg)
+            env["DATABASE_URL"] = pg.url
+        settings = Settings(**{k: env[k] for k in ("NATS_URL", "DATABASE_URL", "FLUXPIPE_JWT_SECRET")})
+        upgrade(settings)
+
+        def spawn(service: Service, *args: str) -> None:
+            cmd = [sys.executable, "-m", "services.cli", "run", service.value, *args]
+            children.append((service.value, subprocess.Popen(cmd, env=env, start_new_session=True)))
+
+        if "FAL_BASE_URL" not in os.environ:
+            sim_port = free_port()
+            env["FAL_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
+            env.setdefault("FAL_KEY", "sim-" + secrets.token_hex(16))
+            spawn(Service.simulator, "--port", str(sim_port))
+            wait_for_port("127.0.0.1", sim_port, 30, children[-1][1])
+        for worker in WORKERS:
+            spawn(worker)
+        spawn(Service.gateway, "--port", str(port))
+        gateway = f"http://127.0.0.1:{port}"
+        _wait_ready(gateway, children)
+        runtime.write_text(
+            json.dumps(
+                {"NATS_URL": env["NATS_URL"], "DATABASE_URL": env["DATABASE_URL"], "GATEWAY_URL": gateway}
+            )
+        )
+        token = issue_token(settings, "dev")
+        typer.echo(
+            f"\nfluxpipe is up\n  gateway: {gateway}  (API docs at {gateway}/docs)\n  token:   {token}\n"
+            f"  try:     curl -s -X POST {gateway}/api/flux/text-to-image -H 'Authorization: Bearer {token}' "
+            "-H 'Content-Type: application/json' -d '{\"prompt\": \"a lighthouse at dawn\"}'\n"
+            "Press Ctrl-C to stop.\n"
+        )
+        while True:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        stopping = True
+        typer.echo("\nstopping fluxpipe…")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        runtime.unlink(missing_ok=True)
+        _stop_children(children)
+        for server in reversed(started):
+            server.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if stopping:
+            typer.echo("fluxpipe stopped")
+
+
+def _wait_ready(
+    gateway: str, children: list[tuple[str, subprocess.Popen[bytes]]], timeout: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, proc in children:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+        try:
+            if httpx.get(f"{gateway}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"gateway not ready at {gateway} after {timeout}s")
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    """Gateway first (no new work), then workers, then the simulator: SIGTERM, then SIGKILL."""
+    for _, proc in reversed(children):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for _, proc in reversed(children):
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    app()

