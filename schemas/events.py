@@ -222,9 +222,10 @@ def decode_event(raw: bytes | str) -> FluxEvent:
         event: FluxEvent = _adapter.validate_json(raw)
     except ValidationError as exc:
         raise UnknownEvent(_first_error(exc)) from exc
-    expected = SUPPORTED_VERSIONS[event.type]  # type: ignore[attr-defined]
+    type_name = type(event).model_fields["type"].default
+    expected = SUPPORTED_VERSIONS[type_name]
     if event.version != expected:
-        raise UnknownEvent(f"{event.type} version {event.version} is not supported (expected {expected})")
+        raise UnknownEvent(f"{type_name} version {event.version} is not supported (expected {expected})")
     return event
 
 

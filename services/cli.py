@@ -201,7 +201,8 @@ def up(
             pg = EmbeddedPostgres.start(data_dir / "pg")
             started.append(pg)
             env["DATABASE_URL"] = pg.url
-        settings = Settings(**{k: env[k] for k in ("NATS_URL", "DATABASE_URL", "FLUXPIPE_JWT_SECRET")})
+        core: dict[str, Any] = {k: env[k] for k in ("NATS_URL", "DATABASE_URL", "FLUXPIPE_JWT_SECRET")}
+        settings = Settings(**core)
         upgrade(settings)
 
         def spawn(service: Service, *args: str) -> None:

@@ -16,15 +16,15 @@ _bearer = HTTPBearer(auto_error=False, description="HS256 JWT from `fluxpipe tok
 
 
 def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def get_bus(request: Request) -> Bus:
-    return request.app.state.bus  # type: ignore[no-any-return]
+    return request.app.state.bus
 
 
 def get_engine(request: Request) -> AsyncEngine:
-    return request.app.state.engine  # type: ignore[no-any-return]
+    return request.app.state.engine
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -11,9 +11,9 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, not_, select, update
+from sqlalchemy import Table, and_, func, not_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -33,9 +33,9 @@ from services.common.db import FluxTask, ImageHistory, ProjectorCheckpoint
 
 CHECKPOINT = "flux_tasks"
 
-tasks = FluxTask.__table__
-history = ImageHistory.__table__
-checkpoints = ProjectorCheckpoint.__table__
+tasks = cast(Table, FluxTask.__table__)
+history = cast(Table, ImageHistory.__table__)
+checkpoints = cast(Table, ProjectorCheckpoint.__table__)
 
 
 async def load_checkpoint(conn: AsyncConnection, *, lock: bool = False) -> int:

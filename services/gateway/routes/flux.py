@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 
 from schemas.api import HistoryPage, TaskAccepted, TaskOut, TextToImageRequest
 from schemas.events import TaskRequested, TaskRequestedData
@@ -18,7 +18,7 @@ from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
 router = APIRouter(prefix="/api/flux", tags=["flux"])
 
 _IDEMPOTENCY_NS = uuid.UUID("6f1c1d8e-5b7a-4f0e-9a59-6c9b1f0d2a11")
-tasks = FluxTask.__table__
+tasks = cast(Table, FluxTask.__table__)
 
 
 def new_task_id(user_id: str, idempotency_key: str | None) -> str:
