@@ -27,3 +27,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_pipeline.py $(ARGS)

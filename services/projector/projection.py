@@ -1,11 +1,15 @@
 """Folding events into the read models: ``flux_tasks`` and the unified ``image_history``.
 
+``fold_task`` is pure: (row or None, stream seq, event) → new row or None. ``apply_batch``
+loads the batch's rows in one query, folds every event in memory, and writes the changed rows
+back in one upsert, so a batch costs a handful of round trips, not one per event.
+
 Invariants:
 - ``apply_batch`` runs in one transaction that also moves the checkpoint, with the
   checkpoint row locked: an event is applied exactly once even if it is delivered twice or
   two projector replicas race.
 - Terminal states never regress: a late status event after SUCCESS/FAILED/CANCELLED is ignored.
-- Every statement is keyed by task id, so applying the same story twice gives the same rows.
+- An event for a task whose ``TaskRequested`` was never applied changes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, not_, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -37,6 +41,8 @@ tasks = cast(Table, FluxTask.__table__)
 history = cast(Table, ImageHistory.__table__)
 checkpoints = cast(Table, ProjectorCheckpoint.__table__)
 
+Row = dict[str, Any]
+
 
 async def load_checkpoint(conn: AsyncConnection, *, lock: bool = False) -> int:
     await conn.execute(insert(checkpoints).values(name=CHECKPOINT, stream_seq=0).on_conflict_do_nothing())
@@ -46,128 +52,136 @@ async def load_checkpoint(conn: AsyncConnection, *, lock: bool = False) -> int:
     return int((await conn.execute(query)).scalar_one())
 
 
+def new_row(seq: int, event: TaskRequested) -> Row:
+    d = event.data
+    return {
+        "id": event.task_id,
+        "user_id": event.user_id,
+        "request_id": None,
+        "model": d.model,
+        "task_type": d.task_type,
+        "status": "PENDING",
+        "prompt": d.prompt,
+        "input_image_url": d.image_urls[0] if d.image_urls else None,
+        "input_image_urls": list(d.image_urls) or None,
+        "uploaded_image_url": None,
+        "num_images": d.num_images,
+        "aspect_ratio": d.aspect_ratio,
+        "guidance_scale": d.guidance_scale,
+        "num_inference_steps": d.num_inference_steps,
+        "seed": d.seed,
+        "safety_tolerance": d.safety_tolerance,
+        "strength": d.strength,
+        "output_format": d.output_format,
+        "image_url": None,
+        "cloud_image_url": None,
+        "images": None,
+        "cloud_images": None,
+        "generation_time": None,
+        "queue_position": None,
+        "error_message": None,
+        "storage_error": None,
+        "retry_count": 0,
+        "last_event_seq": seq,
+        "created_at": event.occurred_at,
+        "updated_at": event.occurred_at,
+        "completed_at": None,
+    }
+
+
+def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
+    """The task row after ``event``; ``row`` itself (unchanged) when the event changes nothing."""
+    if isinstance(event, TaskRequested):
+        return row if row is not None else new_row(seq, event)
+    if row is None:
+        return None
+    live = row["status"] not in TERMINAL_STATUSES
+    changes: Row
+    match event:
+        case TaskSubmitted(data=d) if live:
+            changes = {"request_id": d.request_id, "status": "IN_QUEUE", "queue_position": d.queue_position}
+        case TaskStatusChanged(data=d) if live:
+            changes = {"status": d.status, "queue_position": d.queue_position}
+        case TaskCompleted(data=d) if live:
+            images = [img.model_dump() for img in d.images]
+            changes = {
+                "status": "SUCCESS",
+                "request_id": d.request_id,
+                "image_url": images[0]["url"] if images else None,
+                "images": images,
+                "seed": d.seed if d.seed is not None else row["seed"],
+                "generation_time": d.generation_time,
+                "queue_position": None,
+                "completed_at": event.occurred_at,
+            }
+        case TaskFailed(data=d) if live:
+            changes = {"status": "FAILED", "error_message": d.error, "completed_at": event.occurred_at}
+        case TaskCancelled(data=d) if live:
+            changes = {"status": "CANCELLED", "error_message": d.reason, "completed_at": event.occurred_at}
+        case ImagesStored(data=d):
+            stored = [img.model_dump() for img in d.images]
+            changes = {"cloud_image_url": stored[0]["url"], "cloud_images": stored, "storage_error": None}
+        case StorageFailed(data=d):
+            changes = {"storage_error": d.error}
+        case _:
+            return row
+    return {**row, **changes, "updated_at": event.occurred_at, "last_event_seq": seq}
+
+
+def history_entry(row: Row) -> Row:
+    return {
+        "source": "flux",
+        "source_task_id": row["id"],
+        "user_id": row["user_id"],
+        "model": row["model"],
+        "prompt": row["prompt"],
+        "image_url": row["cloud_image_url"],
+        "images": row["cloud_images"],
+        "created_at": row["created_at"],
+    }
+
+
 async def apply_batch(conn: AsyncConnection, batch: Sequence[tuple[int, FluxEvent]]) -> int:
     """Apply events (stream seq, event) in order inside the caller's transaction.
 
     Returns how many were applied; events at or below the checkpoint are skipped.
     """
     done = await load_checkpoint(conn, lock=True)
-    applied = 0
-    for seq, event in batch:
-        if seq <= done:
-            continue
-        await apply_event(conn, seq, event)
-        done = seq
-        applied += 1
-    if applied:
+    pending = [(seq, event) for seq, event in batch if seq > done]
+    if not pending:
+        return 0
+    ids = {event.task_id for _, event in pending}
+    result = await conn.execute(select(tasks).where(tasks.c.id.in_(ids)))
+    rows: dict[str, Row] = {r.id: dict(r._mapping) for r in result}
+    changed: set[str] = set()
+    stored: set[str] = set()
+    for seq, event in pending:
+        before = rows.get(event.task_id)
+        after = fold_task(before, seq, event)
+        if after is not None and after is not before:
+            rows[event.task_id] = after
+            changed.add(event.task_id)
+            if isinstance(event, ImagesStored):
+                stored.add(event.task_id)
+    if changed:
+        upsert = insert(tasks)
         await conn.execute(
-            update(checkpoints)
-            .where(checkpoints.c.name == CHECKPOINT)
-            .values(stream_seq=done, updated_at=func.now())
+            upsert.on_conflict_do_update(
+                index_elements=[tasks.c.id],
+                set_={c.name: upsert.excluded[c.name] for c in tasks.columns if c.name != "id"},
+            ),
+            [rows[task_id] for task_id in changed],
         )
-    return applied
-
-
-def _task(event: FluxEvent, *, live_only: bool = True) -> Any:
-    cond = tasks.c.id == event.task_id
-    if live_only:
-        cond = and_(cond, not_(tasks.c.status.in_(TERMINAL_STATUSES)))
-    return update(tasks).where(cond)
-
-
-async def apply_event(conn: AsyncConnection, seq: int, event: FluxEvent) -> None:
-    common = {"updated_at": event.occurred_at, "last_event_seq": seq}
-    match event:
-        case TaskRequested(data=d):
-            await conn.execute(
-                insert(tasks)
-                .values(
-                    id=event.task_id,
-                    user_id=event.user_id,
-                    model=d.model,
-                    task_type=d.task_type,
-                    status="PENDING",
-                    prompt=d.prompt,
-                    input_image_url=d.image_urls[0] if d.image_urls else None,
-                    input_image_urls=list(d.image_urls) or None,
-                    num_images=d.num_images,
-                    aspect_ratio=d.aspect_ratio,
-                    guidance_scale=d.guidance_scale,
-                    num_inference_steps=d.num_inference_steps,
-                    seed=d.seed,
-                    safety_tolerance=d.safety_tolerance,
-                    strength=d.strength,
-                    output_format=d.output_format,
-                    created_at=event.occurred_at,
-                    **common,
-                )
-                .on_conflict_do_nothing(index_elements=[tasks.c.id])
-            )
-        case TaskSubmitted(data=d):
-            await conn.execute(
-                _task(event).values(
-                    request_id=d.request_id, status="IN_QUEUE", queue_position=d.queue_position, **common
-                )
-            )
-        case TaskStatusChanged(data=d):
-            await conn.execute(
-                _task(event).values(status=d.status, queue_position=d.queue_position, **common)
-            )
-        case TaskCompleted(data=d):
-            images = [img.model_dump() for img in d.images]
-            await conn.execute(
-                _task(event).values(
-                    status="SUCCESS",
-                    request_id=d.request_id,
-                    image_url=images[0]["url"] if images else None,
-                    images=images,
-                    seed=d.seed,
-                    generation_time=d.generation_time,
-                    queue_position=None,
-                    completed_at=event.occurred_at,
-                    **common,
-                )
-            )
-        case TaskFailed(data=d):
-            await conn.execute(
-                _task(event).values(
-                    status="FAILED", error_message=d.error, completed_at=event.occurred_at, **common
-                )
-            )
-        case TaskCancelled(data=d):
-            await conn.execute(
-                _task(event).values(
-                    status="CANCELLED", error_message=d.reason, completed_at=event.occurred_at, **common
-                )
-            )
-        case ImagesStored(data=d):
-            stored = [img.model_dump() for img in d.images]
-            row = (
-                await conn.execute(
-                    update(tasks)
-                    .where(tasks.c.id == event.task_id)
-                    .values(
-                        cloud_image_url=stored[0]["url"], cloud_images=stored, storage_error=None, **common
-                    )
-                    .returning(tasks.c.user_id, tasks.c.model, tasks.c.prompt, tasks.c.created_at)
-                )
-            ).first()
-            if row is not None:
-                await conn.execute(
-                    insert(history)
-                    .values(
-                        source="flux",
-                        source_task_id=event.task_id,
-                        user_id=row.user_id,
-                        model=row.model,
-                        prompt=row.prompt,
-                        image_url=stored[0]["url"],
-                        images=stored,
-                        created_at=row.created_at,
-                    )
-                    .on_conflict_do_nothing(index_elements=[history.c.source, history.c.source_task_id])
-                )
-        case StorageFailed(data=d):
-            await conn.execute(
-                update(tasks).where(tasks.c.id == event.task_id).values(storage_error=d.error, **common)
-            )
+    if stored:
+        await conn.execute(
+            insert(history).on_conflict_do_nothing(
+                index_elements=[history.c.source, history.c.source_task_id]
+            ),
+            [history_entry(rows[task_id]) for task_id in stored],
+        )
+    await conn.execute(
+        update(checkpoints)
+        .where(checkpoints.c.name == CHECKPOINT)
+        .values(stream_seq=pending[-1][0], updated_at=func.now())
+    )
+    return len(pending)
