@@ -99,8 +99,11 @@ class TaskCompletedData(_Frozen):
     has_nsfw_concepts: tuple[bool, ...] = ()
 
 
+FailureStage = Literal["submit", "poll", "result", "timeout", "storage"]
+
+
 class TaskFailedData(_Frozen):
-    stage: Literal["submit", "poll", "result", "timeout", "storage"]
+    stage: FailureStage
     error: str
     error_type: str | None = None
     status_code: int | None = None

@@ -22,6 +22,8 @@ from services.common.db import make_engine
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.migrate import upgrade
 from services.common.settings import Settings
+from services.simulator.app import SimulatorSettings
+from tests.simulator_server import running_simulator
 
 SECRET = "test-secret-" + "x" * 40
 
@@ -102,3 +104,17 @@ async def engine(database_url: str, settings: Settings) -> AsyncIterator[AsyncEn
         )
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def fast() -> Iterator[SimulatorSettings]:
+    """A fal simulator whose requests complete quickly: short queue, short run."""
+    with running_simulator(queue_seconds=0.1, run_seconds=0.15) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def parked() -> Iterator[SimulatorSettings]:
+    """A fal simulator whose requests stay IN_QUEUE for the whole test."""
+    with running_simulator(queue_seconds=600, run_seconds=1) as settings:
+        yield settings

