@@ -180,10 +180,12 @@ def up(
     data_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
 
-    def on_term(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    # Installed explicitly: a shell's background job inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     started: list[Any] = []
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     runtime = data_dir / RUNTIME_FILE
@@ -241,12 +243,12 @@ def up(
         stopping = True
         typer.echo("\nstopping fluxpipe…")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         runtime.unlink(missing_ok=True)
         _stop_children(children)
         for server in reversed(started):
             server.stop()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if stopping:
             typer.echo("fluxpipe stopped")
 

@@ -25,6 +25,8 @@ from services.common.embedded import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
+FAL_KEY = "e2e-key-id:7d1c44a0b9e2f35c8a61"
+
 
 class Stack:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
@@ -43,7 +45,8 @@ class Stack:
             FLUXPIPE_SIM_RUN_SECONDS="2.0",
             FLUXPIPE_POLL_MIN="0.1",
             FLUXPIPE_POLL_MAX="0.4",
-            FLUXPIPE_LOG_LEVEL="WARNING",
+            FLUXPIPE_LOG_LEVEL="INFO",
+            FAL_KEY=FAL_KEY,
         )
         self.env = env
         self.proc = subprocess.Popen(
@@ -166,6 +169,18 @@ def test_a_provider_failure_ends_in_failed_with_the_providers_message(stack: Sta
     assert task["status"] == "FAILED"
     assert "flagged by a content checker" in task["error_message"]
     assert task["image_url"] is None and task["completed_at"] is not None
+
+
+def test_the_fal_key_never_appears_in_logs_events_or_responses(stack: Stack) -> None:
+    secret_parts = (FAL_KEY, FAL_KEY.split(":")[1])
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        responses = [client.get("/api/flux/history").text, client.get("/openapi.json").text]
+        for task in client.get("/api/flux/history").json()["items"]:
+            responses.append(client.get(f"/api/flux/task/{task['id']}").text)
+            responses.append(stack.cli("events", task["id"], "--json"))
+    assert "completed with 1 image" in stack.output  # the services' INFO logs are in here
+    for text in [stack.output, *responses]:
+        assert not any(part in text for part in secret_parts)
 
 
 def test_history_lists_the_users_tasks_newest_first(stack: Stack) -> None:
