@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check schemas services tests migrations
-	$(BIN)/ruff format --check schemas services tests migrations
+	$(BIN)/ruff check schemas services tests migrations bench
+	$(BIN)/ruff format --check schemas services tests migrations bench
 	$(BIN)/mypy schemas services
 
 clean:

@@ -142,7 +142,7 @@ def events(
     from services.common.bus import Bus
 
     async def story() -> list[tuple[int, Any]]:
-        bus = await Bus.connect(load_settings(data_dir), "cli")
+        bus = await Bus.connect(load_settings(data_dir), "cli", ensure=False)
         try:
             return await bus.task_story(task_id)
         finally:
@@ -178,7 +178,7 @@ def up(
 
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    stopping = False
+    stopping = failed = False
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -242,6 +242,9 @@ def up(
     except KeyboardInterrupt:
         stopping = True
         typer.echo("\nstopping fluxpipe…")
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"fluxpipe up failed: {exc}; stopping everything it started", err=True)
+        failed = True
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
@@ -251,6 +254,8 @@ def up(
             server.stop()
         if stopping:
             typer.echo("fluxpipe stopped")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _wait_ready(

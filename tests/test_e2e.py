@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,9 @@ FAL_KEY = "e2e-key-id:7d1c44a0b9e2f35c8a61"
 
 
 class Stack:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,6 +51,7 @@ class Stack:
             FLUXPIPE_LOG_LEVEL="INFO",
             FAL_KEY=FAL_KEY,
         )
+        env.update(extra_env or {})
         self.env = env
         self.proc = subprocess.Popen(
             [
@@ -183,11 +187,17 @@ def test_the_fal_key_never_appears_in_logs_events_or_responses(stack: Stack) -> 
         assert not any(part in text for part in secret_parts)
 
 
-def test_history_lists_the_users_tasks_newest_first(stack: Stack) -> None:
+def test_history_lists_the_users_tasks_newest_first_and_only_theirs(stack: Stack) -> None:
     with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
         page = client.get("/api/flux/history", params={"page": 1, "limit": 10}).json()
     assert page["total"] == 2
     assert [t["prompt"] for t in page["items"]] == ["something forbidden", "a lighthouse at dawn"]
+
+    bob = {"Authorization": f"Bearer {stack.cli('token', '--user', 'bob').strip()}"}
+    with httpx.Client(base_url=stack.url, headers=bob, timeout=10) as client:
+        assert client.get("/api/flux/history").json()["total"] == 0
+        r = client.get(f"/api/flux/task/{page['items'][0]['id']}")
+        assert r.status_code == 404
 
 
 def test_ctrl_c_stops_everything_and_data_survives_a_restart(stack: Stack) -> None:
@@ -205,3 +215,26 @@ def test_ctrl_c_stops_everything_and_data_survives_a_restart(stack: Stack) -> No
             assert client.get(after[-1]["cloud_image_url"]).status_code == 200
     finally:
         assert again.stop() == 0
+
+
+def test_up_uses_the_servers_in_nats_url_and_database_url(nats_url, database_url, tmp_path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    stack = Stack(
+        tmp_path,
+        extra_env={
+            "NATS_URL": nats_url,
+            "DATABASE_URL": database_url,
+            "FLUXPIPE_STREAM": f"E2E_{tag}",
+            "FLUXPIPE_SUBJECT_PREFIX": f"e{tag}",
+        },
+    )
+    try:
+        with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+            r = client.post("/api/flux/text-to-image", json={"prompt": "external servers", "num_images": 2})
+            task, _ = follow(client, r.json()["task_id"], {"SUCCESS", "FAILED"})
+        assert task["status"] == "SUCCESS" and len(task["images"]) == 2
+        assert not (tmp_path / "nats").exists() and not (tmp_path / "pg").exists()
+        story = stack.cli("events", task["id"], "--json")
+        assert all(json.loads(line)["type"] for line in story.splitlines())
+    finally:
+        assert stack.stop() == 0

@@ -102,3 +102,19 @@ async def test_history_pages_are_validated(client, alice):
     assert r.status_code == 422 and "limit" in r.json()["message"]
     r = await client.get("/api/flux/history?page=1&limit=5", headers=alice)
     assert r.status_code == 200 and r.json() == {"items": [], "total": 0, "page": 1, "limit": 5}
+
+
+async def test_when_the_event_log_cannot_take_the_job_the_answer_is_503_and_nothing_is_recorded(
+    client, alice, bus, engine
+):
+    await bus.js.delete_stream(bus.stream)
+    r = await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=alice)
+    assert r.status_code == 503 and "event log" in r.json()["detail"]
+    assert r.headers["retry-after"] == "2"
+    await bus.ensure_stream()
+    assert (await client.get("/api/flux/history", headers=alice)).json()["total"] == 0
+
+
+def test_the_gateway_refuses_to_start_without_a_signing_secret(settings):
+    with pytest.raises(RuntimeError, match="FLUXPIPE_JWT_SECRET"):
+        create_app(settings.model_copy(update={"jwt_secret": SecretStr("short")}))

@@ -206,4 +206,3 @@ async def test_bytes_that_are_not_an_image_end_in_storage_failed_and_store_nothi
     failure = await bus.last_event("t4", "storage_failed")
     assert isinstance(failure, StorageFailed) and "not a decodable image" in failure.data.error
     assert not settings.storage_dir.exists() or not any(settings.storage_dir.iterdir())
-

@@ -49,11 +49,15 @@ def verify_token(settings: Settings, token: str) -> Principal:
     return Principal(user_id=sub, admin=bool(claims.get("admin", False)))
 
 
-def _secret(settings: Settings) -> str:
-    secret = settings.jwt_secret.get_secret_value()
-    if len(secret) < 32:
+def check_secret(settings: Settings) -> None:
+    """Refuse to run with a missing or guessable signing secret."""
+    if len(settings.jwt_secret.get_secret_value()) < 32:
         raise RuntimeError("FLUXPIPE_JWT_SECRET must be set to at least 32 characters")
-    return secret
+
+
+def _secret(settings: Settings) -> str:
+    check_secret(settings)
+    return settings.jwt_secret.get_secret_value()
 
 
 def load_or_create_secret(path: Path) -> str:

@@ -50,14 +50,16 @@ class Bus:
     prefix: str
 
     @classmethod
-    async def connect(cls, settings: Settings, name: str) -> Bus:
+    async def connect(cls, settings: Settings, name: str, *, ensure: bool = True) -> Bus:
+        """Connect; with ``ensure`` (services) also declare the stream, without it (read-only tools) not."""
         nc = await nats.connect(
             settings.nats_url, name=f"fluxpipe-{name}", max_reconnect_attempts=-1, reconnect_time_wait=1
         )
         bus = cls(
             nc=nc, js=nc.jetstream(timeout=10), stream=settings.stream_name, prefix=settings.subject_prefix
         )
-        await bus.ensure_stream(replicas=settings.stream_replicas)
+        if ensure:
+            await bus.ensure_stream(replicas=settings.stream_replicas)
         return bus
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,13 @@ class EmbeddedPostgres:
 
     @classmethod
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
-        import pgserver
-
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # platformdirs warns that XDG_RUNTIME_DIR is unset; pgserver then uses /tmp, which is fine.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            import pgserver
+
+            server = pgserver.get_server(data_dir, cleanup_mode="stop")
         return cls(server=server, url=server.get_uri())
 
     def stop(self) -> None:

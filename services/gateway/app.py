@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -13,10 +15,13 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
+from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 from services.gateway.routes import flux
+
+log = logging.getLogger(__name__)
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:
@@ -29,6 +34,8 @@ def _describe(errors: list[dict[str, Any]]) -> str:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    check_secret(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
@@ -46,6 +53,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = jsonable_encoder(exc.errors())
         return JSONResponse(status_code=422, content={"message": _describe(errors), "detail": errors})
+
+    @app.exception_handler(nats.errors.Error)
+    async def on_event_log_down(request: Request, exc: nats.errors.Error) -> JSONResponse:
+        log.error("event log unavailable: %r", exc)
+        return JSONResponse(
+            status_code=503,
+            content={
+                "detail": "the event log (NATS) is unavailable; retry shortly with the same Idempotency-Key"
+            },
+            headers={"Retry-After": "2"},
+        )
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
