@@ -173,9 +173,19 @@ def up(
     fal simulator. Ctrl-C stops everything it started.
     """
     from services.common.auth import issue_token, load_or_create_secret
-    from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port, wait_for_port
+    from services.common.embedded import (
+        EmbeddedNats,
+        EmbeddedPostgres,
+        free_port,
+        port_is_free,
+        wait_for_port,
+    )
     from services.common.migrate import upgrade
 
+    if "FAL_BASE_URL" in os.environ and not os.environ.get("FAL_KEY"):
+        raise typer.BadParameter("FAL_KEY is required when FAL_BASE_URL points at a real provider")
+    if not port_is_free(port):
+        raise typer.BadParameter(f"port {port} is in use; choose another with --port", param_hint="--port")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     stopping = failed = False
@@ -222,6 +232,7 @@ def up(
         spawn(Service.gateway, "--port", str(port))
         gateway = f"http://127.0.0.1:{port}"
         _wait_ready(gateway, children)
+        runtime.touch(mode=0o600)
         runtime.write_text(
             json.dumps(
                 {"NATS_URL": env["NATS_URL"], "DATABASE_URL": env["DATABASE_URL"], "GATEWAY_URL": gateway}

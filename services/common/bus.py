@@ -181,7 +181,7 @@ class Consumer:
         await runner
 
     async def run(self, bus: Bus, handler: Handler) -> None:
-        """Fetch and handle messages until ``stop()``; waits for in-flight handlers to finish."""
+        """Fetch and handle messages until ``stop()``; in-flight handlers then get ``grace`` seconds."""
         await self.ensure(bus)
         sub = await bus.js.pull_subscribe_bind(durable=self.durable, stream=bus.stream)
         running: set[asyncio.Task[None]] = set()
