@@ -199,6 +199,7 @@ EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     StorageFailed,
     TaskCancelled,
 )
+TERMINAL_TOKENS: tuple[str, ...] = tuple(t.token for t in EVENT_TYPES if t.terminal)
 SUPPORTED_VERSIONS: dict[str, int] = {t.model_fields["type"].default: 1 for t in EVENT_TYPES}
 
 AnyEvent = Annotated[

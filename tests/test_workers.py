@@ -1,6 +1,7 @@
 """Workers under crashes and redelivery, on real NATS and the fal simulator over HTTP.
 
-No event is lost or doubled: a redelivered request is not submitted to fal twice, a poller
+No event is lost or doubled: a request handed over by a dying submitter is not submitted to
+fal twice, the server caps how many tasks are at fal at once, a poller
 that dies mid-follow is resumed by another without repeating a status event, a task stuck
 at fal times out and is cancelled there, and bytes that are not an image never get stored.
 """
@@ -11,6 +12,7 @@ import asyncio
 from typing import Any
 
 import httpx
+from nats.js.errors import NotFoundError
 
 from schemas.events import (
     FluxEvent,
@@ -19,6 +21,7 @@ from schemas.events import (
     TaskCompleted,
     TaskCompletedData,
     TaskFailed,
+    TaskFailedData,
     TaskRequested,
     TaskRequestedData,
     TaskStatusChanged,
@@ -29,6 +32,7 @@ from services.common.bus import Bus, Consumer
 from services.common.fal import FalClient
 from services.common.storage import make_storage
 from services.poller.main import on_submitted
+from services.submitter.main import consumer as submitter_consumer
 from services.submitter.main import on_requested
 from services.uploader.main import on_completed
 from tests.simulator_server import TEST_API_KEY, running_simulator
@@ -78,34 +82,98 @@ async def submit_directly(bus: Bus, fal: FalClient, task_id: str) -> TaskSubmitt
     return submitted
 
 
-async def test_a_request_redelivered_after_a_crash_is_submitted_to_fal_once(bus, fast):
-    fal = CountingFal(fast.public_url, TEST_API_KEY)
-    deliveries: list[int] = []
+async def pending(bus: Bus, durable: str) -> tuple[int, int] | None:
+    """(held unacked, waiting) for a consumer, or None before it exists."""
+    try:
+        info = await bus.js.consumer_info(bus.stream, durable)
+    except NotFoundError:
+        return None
+    return info.num_ack_pending, info.num_pending
 
-    async def crash_once_after_the_effect(event: FluxEvent, msg: Any) -> None:
-        deliveries.append(msg.metadata.num_delivered)
+
+def ended(task_id: str) -> TaskFailed:
+    """What the poller would publish when the task ends at fal."""
+    return TaskFailed(task_id=task_id, user_id="alice", data=TaskFailedData(stage="result", error="done"))
+
+
+async def serve_submitter(
+    bus: Bus, fal: FalClient, consumer: Consumer, stop: asyncio.Event, deliveries: list[int] | None = None
+) -> None:
+    async def handle(event: FluxEvent, msg: Any) -> None:
         assert isinstance(event, TaskRequested)
-        await on_requested(event, msg, bus=bus, fal=fal, max_deliver=5)
-        if len(deliveries) == 1:
-            raise RuntimeError("crashed after publishing TaskSubmitted, before the ack")
+        if deliveries is not None:
+            deliveries.append(msg.metadata.num_delivered)
+        await on_requested(event, msg, bus=bus, fal=fal, max_deliver=consumer.max_deliver)
 
-    stop = asyncio.Event()
-    consumer = Consumer(durable="submitter", token="requested", backoff=(0.1,))
-    runner = asyncio.create_task(consumer.serve(bus, crash_once_after_the_effect, stop))
+    await consumer.serve(bus, handle, stop)
+
+
+async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submitting_again(
+    bus, settings, fast
+):
+    fal = CountingFal(fast.public_url, TEST_API_KEY)
     await bus.publish(requested("t1"))
 
-    async def settled() -> bool:
-        return (
-            deliveries == [1, 2]
-            and (await bus.js.consumer_info(bus.stream, "submitter")).num_ack_pending == 0
-        )
+    first_stop = asyncio.Event()
+    first = submitter_consumer(settings)
+    first.grace = 0
+    first_run = asyncio.create_task(serve_submitter(bus, fal, first, first_stop))
 
-    await wait_for(settled)
+    async def submitted() -> bool:
+        return await bus.last_event("t1", "submitted") is not None
+
+    await wait_for(submitted)
+    first_stop.set()
+    await first_run
+
+    second_stop = asyncio.Event()
+    deliveries: list[int] = []
+    second = submitter_consumer(settings)
+    second_run = asyncio.create_task(serve_submitter(bus, fal, second, second_stop, deliveries))
+
+    async def held_again() -> bool:
+        return deliveries == [2] and await pending(bus, "submitter") == (1, 0)
+
+    await wait_for(held_again)
+    await bus.publish(ended("t1"))
+
+    async def released() -> bool:
+        return await pending(bus, "submitter") == (0, 0)
+
+    await wait_for(released)
+    second_stop.set()
+    await second_run
+    await fal.aclose()
+    assert fal.submits == 1
+    assert await types_of(bus, "t1") == ["task.requested", "task.submitted", "task.failed"]
+
+
+async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, settings, parked):
+    settings.max_concurrent_tasks = 2
+    fal = CountingFal(parked.public_url, TEST_API_KEY)
+    for task_id in ("a", "b", "c"):
+        await bus.publish(requested(task_id))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(serve_submitter(bus, fal, submitter_consumer(settings), stop))
+
+    async def server_holds(in_flight: int, waiting: int) -> bool:
+        return await pending(bus, "submitter") == (in_flight, waiting)
+
+    await wait_for(lambda: server_holds(2, 1))
+    assert fal.submits == 2
+    assert await bus.last_event("c", "submitted") is None
+
+    await bus.publish(ended("a"))
+
+    async def third_submitted() -> bool:
+        return await bus.last_event("c", "submitted") is not None
+
+    await wait_for(third_submitted)
+    assert fal.submits == 3
+    await wait_for(lambda: server_holds(2, 0))
     stop.set()
     await runner
     await fal.aclose()
-    assert fal.submits == 1
-    assert await types_of(bus, "t1") == ["task.requested", "task.submitted"]
 
 
 async def test_a_poller_that_dies_mid_follow_is_resumed_without_repeating_events(bus, settings):

@@ -106,6 +106,35 @@ class Bus:
         assert raw.data is not None
         return decode_event(raw.data)
 
+    async def has_any(self, task_id: str, tokens: tuple[str, ...]) -> bool:
+        """Whether the stream holds any event of these kinds for the task."""
+        for token in tokens:
+            if await self.last_event(task_id, token) is not None:
+                return True
+        return False
+
+    async def wait_for_any(self, task_id: str, tokens: tuple[str, ...], recheck: float = 30.0) -> None:
+        """Return once the task has an event of one of these kinds.
+
+        Woken by a live subscription to the task's subjects; the stream is re-read every
+        ``recheck`` seconds too, in case a reconnect lost the live message.
+        """
+        arrived = asyncio.Event()
+
+        async def on_event(msg: Msg) -> None:
+            if msg.subject.rsplit(".", 1)[-1] in tokens:
+                arrived.set()
+
+        sub = await self.nc.subscribe(self.task_subject(task_id, "*"), cb=on_event)
+        try:
+            while not await self.has_any(task_id, tokens):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), recheck)
+                arrived.clear()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     async def task_story(self, task_id: str) -> list[tuple[int, FluxEvent]]:
         """Every event of one task in stream order, with its stream sequence."""
         return [(seq, decode_event(data)) async for seq, _, data in self.iter_raw(self.task_subject(task_id))]
@@ -133,6 +162,10 @@ class Consumer:
     ``max_ack_pending`` caps how many messages are in flight across every replica of the
     service; ``concurrency`` caps how many this process handles at once. Long handlers keep
     their message alive with ``in_progress`` heartbeats (see ``hold``).
+
+    ``max_deliver`` is enforced here, not by the server (whose limit is unlimited): a message
+    held across restarts is redelivered each time and must never be silently parked by the
+    server; a handler that keeps failing is dead-lettered once it reaches ``max_deliver``.
     """
 
     durable: str
@@ -153,7 +186,7 @@ class Consumer:
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=self.ack_wait,
-            max_deliver=self.max_deliver,
+            max_deliver=-1,
             max_ack_pending=self.max_ack_pending,
         )
 
@@ -164,7 +197,7 @@ class Consumer:
         except BadRequestError:
             info = await bus.js.consumer_info(bus.stream, self.durable)
             merged = info.config
-            for key in ("ack_wait", "max_deliver", "max_ack_pending"):
+            for key in ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject"):
                 setattr(merged, key, getattr(config, key))
             await bus.js.add_consumer(bus.stream, merged)
 
@@ -185,11 +218,14 @@ class Consumer:
         await self.ensure(bus)
         sub = await bus.js.pull_subscribe_bind(durable=self.durable, stream=bus.stream)
         running: set[asyncio.Task[None]] = set()
+        stopping = asyncio.create_task(self._stopping.wait())
         log.info("consumer %s started on %s", self.durable, bus.task_subject("*", self.token))
         while not self._stopping.is_set():
             room = self.concurrency - len(running)
             if room <= 0:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                # Every slot is taken (possibly by messages held for minutes): wake on a free
+                # slot or on stop, never on one alone.
+                await asyncio.wait({*running, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
                 msgs = await sub.fetch(min(room, 64), timeout=1.0)
@@ -203,6 +239,7 @@ class Consumer:
                 task = asyncio.create_task(self._handle(bus, handler, msg))
                 running.add(task)
                 task.add_done_callback(running.discard)
+        stopping.cancel()
         if running:
             _, late = await asyncio.wait(running, timeout=self.grace)
             for task in late:

@@ -23,6 +23,7 @@ from datetime import timedelta
 from nats.aio.msg import Msg
 
 from schemas.events import (
+    TERMINAL_TOKENS,
     FailureStage,
     FluxEvent,
     ProviderImage,
@@ -38,7 +39,6 @@ from schemas.events import (
 from services.common.bus import Bus, Consumer, hold
 from services.common.fal import FalClient, FalError, QueueStatus
 from services.common.settings import Settings
-from services.submitter.main import TERMINAL_TOKENS, already_handled
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def consumer(settings: Settings) -> Consumer:
 async def on_submitted(
     event: TaskSubmitted, msg: Msg, *, bus: Bus, fal: FalClient, settings: Settings
 ) -> None:
-    if await already_handled(bus, event.task_id, TERMINAL_TOKENS):
+    if await bus.has_any(event.task_id, TERMINAL_TOKENS):
         return
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
 

@@ -1,10 +1,15 @@
 """The submitter: ``TaskRequested`` → fal's queue → ``TaskSubmitted`` or ``TaskFailed``.
 
+Concurrency cap without a lock service: the ``TaskRequested`` message is held unacked
+(``in_progress`` heartbeats) until the task ends, and the consumer's ``max_ack_pending`` is
+``max_concurrent_tasks``. The server therefore lets at most that many tasks be at fal at once
+across every submitter replica, first come first served; the rest wait in the stream.
+
 Idempotency: before submitting it looks for the task's ``TaskSubmitted`` (or a terminal
-event) in the stream, so a redelivered request is not submitted twice. The one window left
-is a crash between fal accepting the job and our publish; fal has no idempotency key, so
-such a redelivery submits again and the first fal request is orphaned (never charged to the
-user twice: the task has one story). Ack happens after the outcome event is published.
+event) in the stream, so a redelivered request is not submitted twice: it resumes waiting.
+The one window left is a crash between fal accepting the job and our publish; fal has no
+idempotency key, so such a redelivery submits again and the first fal request is orphaned
+(the task still has one story).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from nats.aio.msg import Msg
 
 from schemas.catalog import MODELS, build_fal_input
 from schemas.events import (
+    TERMINAL_TOKENS,
     FluxEvent,
     TaskFailed,
     TaskFailedData,
@@ -23,29 +29,40 @@ from schemas.events import (
     TaskSubmitted,
     TaskSubmittedData,
 )
-from services.common.bus import Bus, Consumer
+from services.common.bus import Bus, Consumer, hold
 from services.common.fal import FalClient, FalError
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TERMINAL_TOKENS = ("completed", "failed", "cancelled")
+ACK_WAIT = 60.0
 
 
 def consumer(settings: Settings) -> Consumer:
-    return Consumer(durable="submitter", token="requested", ack_wait=60, max_deliver=6, concurrency=32)
-
-
-async def already_handled(bus: Bus, task_id: str, tokens: tuple[str, ...]) -> bool:
-    for token in tokens:
-        if await bus.last_event(task_id, token) is not None:
-            return True
-    return False
+    return Consumer(
+        durable="submitter",
+        token="requested",
+        ack_wait=ACK_WAIT,
+        max_deliver=6,
+        max_ack_pending=settings.max_concurrent_tasks,
+        concurrency=settings.max_concurrent_tasks,
+    )
 
 
 async def on_requested(event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClient, max_deliver: int) -> None:
-    if await already_handled(bus, event.task_id, ("submitted", *TERMINAL_TOKENS)):
+    """Submit the task unless that was done already, then hold its slot until it ends."""
+    if await bus.has_any(event.task_id, TERMINAL_TOKENS):
         return
+    if await bus.last_event(event.task_id, "submitted") is None and not await submit(
+        event, msg, bus, fal, max_deliver
+    ):
+        return
+    async with hold(msg, every=ACK_WAIT / 3):
+        await bus.wait_for_any(event.task_id, TERMINAL_TOKENS)
+
+
+async def submit(event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_deliver: int) -> bool:
+    """Submit to fal and publish the outcome; True if the task is now at fal."""
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
     spec = MODELS.get(event.data.model)
     if spec is None:
@@ -54,7 +71,7 @@ async def on_requested(event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClie
                 **envelope, data=TaskFailedData(stage="submit", error=f"unknown model {event.data.model}")
             )
         )
-        return
+        return False
     try:
         handle = await fal.submit(spec.id, build_fal_input(spec, event.data.model_dump()))
     except FalError as exc:
@@ -68,7 +85,7 @@ async def on_requested(event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClie
                 ),
             )
         )
-        return
+        return False
     log.info("task %s submitted to fal as %s", event.task_id, handle.request_id)
     await bus.publish(
         TaskSubmitted(
@@ -82,6 +99,7 @@ async def on_requested(event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClie
             ),
         )
     )
+    return True
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
