@@ -30,11 +30,11 @@ def alice(settings) -> dict[str, str]:
 
 async def test_requests_without_a_valid_token_get_401(client, settings):
     r = await client.post("/api/flux/text-to-image", json={"prompt": "x"})
-    assert r.status_code == 401 and "missing bearer token" in r.json()["detail"]
+    assert r.status_code == 401 and "missing bearer token" in r.json()["message"]
     forged = issue_token(settings.model_copy(update={"jwt_secret": SecretStr("y" * 40)}), "alice")
     for token in ("garbage", forged):
         r = await client.get("/api/flux/history", headers={"Authorization": f"Bearer {token}"})
-        assert r.status_code == 401 and r.json()["detail"].startswith("invalid token")
+        assert r.status_code == 401 and r.json()["message"].startswith("invalid token")
         assert r.headers["www-authenticate"] == "Bearer"
 
 
@@ -58,6 +58,41 @@ async def test_invalid_jobs_get_422_naming_what_was_wrong(client, alice, bus, bo
     assert r.status_code == 422
     assert names in r.json()["message"]
     assert [m async for m in bus.iter_raw(bus.task_subject())] == []
+
+
+async def test_a_body_that_is_not_json_gets_422_saying_so(client, alice):
+    r = await client.post(
+        "/api/flux/text-to-image",
+        content=b"prompt=x",
+        headers={**alice, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert r.json()["message"].startswith("the request body is not valid JSON")
+
+
+async def test_a_task_records_the_parameters_the_model_will_really_use(client, alice, bus):
+    dev = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=alice)).json()
+    schnell = (
+        await client.post(
+            "/api/flux/text-to-image", json={"prompt": "p", "model": "fal-ai/flux-1/schnell"}, headers=alice
+        )
+    ).json()
+    kontext = (
+        await client.post(
+            "/api/flux/text-to-image",
+            json={"prompt": "p", "model": "fal-ai/flux-pro/kontext/text-to-image"},
+            headers=alice,
+        )
+    ).json()
+    steps = {}
+    for accepted in (dev, schnell, kontext):
+        r = await client.get(f"/api/flux/task/{accepted['task_id']}", headers=alice)
+        steps[r.json()["model"]] = r.json()["num_inference_steps"]
+    assert steps == {
+        "fal-ai/flux-1/dev": 28,
+        "fal-ai/flux-1/schnell": 4,
+        "fal-ai/flux-pro/kontext/text-to-image": None,  # kontext has no steps parameter
+    }
 
 
 async def test_a_job_is_accepted_at_once_and_readable_before_it_is_projected(client, alice, bus):
@@ -92,7 +127,7 @@ async def test_other_users_tasks_are_not_found(client, alice, settings):
     ]
     bob = {"Authorization": f"Bearer {issue_token(settings, 'bob')}"}
     r = await client.get(f"/api/flux/task/{task_id}", headers=bob)
-    assert r.status_code == 404 and task_id in r.json()["detail"]
+    assert r.status_code == 404 and task_id in r.json()["message"]
     admin = {"Authorization": f"Bearer {issue_token(settings, 'root', admin=True)}"}
     assert (await client.get(f"/api/flux/task/{task_id}", headers=admin)).status_code == 200
 
@@ -109,7 +144,7 @@ async def test_when_the_event_log_cannot_take_the_job_the_answer_is_503_and_noth
 ):
     await bus.js.delete_stream(bus.stream)
     r = await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=alice)
-    assert r.status_code == 503 and "event log" in r.json()["detail"]
+    assert r.status_code == 503 and "event log" in r.json()["message"]
     assert r.headers["retry-after"] == "2"
     await bus.ensure_stream()
     assert (await client.get("/api/flux/history", headers=alice)).json()["total"] == 0
@@ -118,3 +153,9 @@ async def test_when_the_event_log_cannot_take_the_job_the_answer_is_503_and_noth
 def test_the_gateway_refuses_to_start_without_a_signing_secret(settings):
     with pytest.raises(RuntimeError, match="FLUXPIPE_JWT_SECRET"):
         create_app(settings.model_copy(update={"jwt_secret": SecretStr("short")}))
+
+
+@pytest.mark.parametrize("model", ["fal-ai/flux-9", "fal-ai/flux-1/dev/redux"])
+def test_the_gateway_refuses_to_start_with_a_default_model_that_cannot_draw_from_text(settings, model):
+    with pytest.raises(RuntimeError, match="FLUXPIPE_DEFAULT_MODEL"):
+        create_app(settings.model_copy(update={"default_model": model}))

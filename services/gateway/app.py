@@ -14,7 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from schemas.catalog import MODELS, TEXT_TO_IMAGE_MODELS, Mode
 from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
@@ -25,16 +27,31 @@ log = logging.getLogger(__name__)
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:
+    """One sentence naming every wrong field: ``"<field>: <what is wrong>; …"``."""
     parts = []
     for err in errors:
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the request body is not valid JSON ({reason})" if reason else "invalid JSON")
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
+def check_default_model(settings: Settings) -> None:
+    spec = MODELS.get(settings.default_model)
+    if spec is None or spec.mode is not Mode.TEXT_TO_IMAGE:
+        raise RuntimeError(
+            f"FLUXPIPE_DEFAULT_MODEL={settings.default_model!r} is not a text-to-image model; "
+            f"choose one of {', '.join(TEXT_TO_IMAGE_MODELS)}"
+        )
+
+
 def create_app(settings: Settings) -> FastAPI:
     check_secret(settings)
+    check_default_model(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +66,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="fluxpipe", version="0.1.0", lifespan=lifespan)
 
+    # Every error answer carries ``message``, one readable sentence saying what was wrong;
+    # ``detail`` stays as FastAPI clients expect it (a string, or pydantic's list for 422).
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"message": message, "detail": exc.detail},
+            headers=exc.headers,
+        )
+
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = jsonable_encoder(exc.errors())
@@ -57,12 +85,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(nats.errors.Error)
     async def on_event_log_down(request: Request, exc: nats.errors.Error) -> JSONResponse:
         log.error("event log unavailable: %r", exc)
+        message = "the event log (NATS) is unavailable; retry shortly with the same Idempotency-Key"
         return JSONResponse(
-            status_code=503,
-            content={
-                "detail": "the event log (NATS) is unavailable; retry shortly with the same Idempotency-Key"
-            },
-            headers={"Retry-After": "2"},
+            status_code=503, content={"message": message, "detail": message}, headers={"Retry-After": "2"}
         )
 
     @app.get("/healthz", include_in_schema=False)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import Table, func, select
 
 from schemas.api import HistoryPage, TaskAccepted, TaskOut, TextToImageRequest
+from schemas.catalog import MODELS, Family
 from schemas.events import TaskRequested, TaskRequestedData
 from services.common.auth import Principal
 from services.common.bus import Bus
@@ -43,6 +44,10 @@ async def text_to_image(
     if isinstance(existing, TaskRequested):
         return TaskAccepted(task_id=task_id, status="PENDING", model=existing.data.model)
     model = body.model or settings.default_model
+    spec = MODELS[model]
+    steps = body.num_inference_steps
+    if steps is None and spec.family is Family.FLUX1:
+        steps = spec.default_steps
     await bus.publish(
         TaskRequested(
             task_id=task_id,
@@ -54,7 +59,7 @@ async def text_to_image(
                 num_images=body.num_images,
                 aspect_ratio=body.aspect_ratio,
                 guidance_scale=body.guidance_scale,
-                num_inference_steps=body.num_inference_steps,
+                num_inference_steps=steps,
                 seed=body.seed,
                 safety_tolerance=body.safety_tolerance,
                 output_format=body.output_format,
