@@ -30,6 +30,7 @@ from schemas.events import (
 )
 from services.common.bus import Bus, Consumer
 from services.common.fal import FalClient
+from services.common.settings import Settings
 from services.common.storage import make_storage
 from services.poller.main import on_submitted
 from services.submitter.main import consumer as submitter_consumer
@@ -97,13 +98,20 @@ def ended(task_id: str) -> TaskFailed:
 
 
 async def serve_submitter(
-    bus: Bus, fal: FalClient, consumer: Consumer, stop: asyncio.Event, deliveries: list[int] | None = None
+    bus: Bus,
+    fal: FalClient,
+    settings: Settings,
+    stop: asyncio.Event,
+    deliveries: list[int] | None = None,
+    consumer: Consumer | None = None,
 ) -> None:
+    consumer = consumer or submitter_consumer(settings)
+
     async def handle(event: FluxEvent, msg: Any) -> None:
         assert isinstance(event, TaskRequested)
         if deliveries is not None:
             deliveries.append(msg.metadata.num_delivered)
-        await on_requested(event, msg, bus=bus, fal=fal, max_deliver=consumer.max_deliver)
+        await on_requested(event, msg, bus=bus, fal=fal, settings=settings, max_deliver=consumer.max_deliver)
 
     await consumer.serve(bus, handle, stop)
 
@@ -116,8 +124,7 @@ async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submit
 
     first_stop = asyncio.Event()
     first = submitter_consumer(settings)
-    first.grace = 0
-    first_run = asyncio.create_task(serve_submitter(bus, fal, first, first_stop))
+    first_run = asyncio.create_task(serve_submitter(bus, fal, settings, first_stop, consumer=first))
 
     async def submitted() -> bool:
         return await bus.last_event("t1", "submitted") is not None
@@ -128,8 +135,7 @@ async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submit
 
     second_stop = asyncio.Event()
     deliveries: list[int] = []
-    second = submitter_consumer(settings)
-    second_run = asyncio.create_task(serve_submitter(bus, fal, second, second_stop, deliveries))
+    second_run = asyncio.create_task(serve_submitter(bus, fal, settings, second_stop, deliveries))
 
     async def held_again() -> bool:
         return deliveries == [2] and await pending(bus, "submitter") == (1, 0)
@@ -154,7 +160,7 @@ async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, setting
     for task_id in ("a", "b", "c"):
         await bus.publish(requested(task_id))
     stop = asyncio.Event()
-    runner = asyncio.create_task(serve_submitter(bus, fal, submitter_consumer(settings), stop))
+    runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop))
 
     async def server_holds(in_flight: int, waiting: int) -> bool:
         return await pending(bus, "submitter") == (in_flight, waiting)
@@ -176,6 +182,32 @@ async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, setting
     await fal.aclose()
 
 
+async def test_a_task_whose_follow_up_is_lost_is_failed_and_its_slot_released(bus, settings, parked):
+    settings.max_concurrent_tasks = 1
+    settings.task_timeout_seconds, settings.stuck_task_grace_seconds = 0.3, 0.2
+    fal = CountingFal(parked.public_url, TEST_API_KEY)
+    for task_id in ("lost", "next"):
+        await bus.publish(requested(task_id))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop))  # and no poller at all
+
+    async def next_submitted() -> bool:
+        return await bus.last_event("next", "submitted") is not None
+
+    await wait_for(next_submitted)
+    stop.set()
+    await runner
+    failure = await bus.last_event("lost", "failed")
+    assert isinstance(failure, TaskFailed)
+    assert failure.data.stage == "timeout" and "no outcome 0.5s after submission" in failure.data.error
+    submitted = await bus.last_event("lost", "submitted")
+    assert isinstance(submitted, TaskSubmitted)
+    status = await fal.status(submitted.data.status_url)
+    assert status.status == "COMPLETED" and status.error_type == "request_cancelled"
+    await fal.aclose()
+    assert await types_of(bus, "lost") == ["task.requested", "task.submitted", "task.failed"]
+
+
 async def test_a_poller_that_dies_mid_follow_is_resumed_without_repeating_events(bus, settings):
     settings.poll_interval_min, settings.poll_interval_max = 0.05, 0.2
     with running_simulator(queue_seconds=0.3, run_seconds=1.5) as sim:
@@ -187,7 +219,7 @@ async def test_a_poller_that_dies_mid_follow_is_resumed_without_repeating_events
             await on_submitted(event, msg, bus=bus, fal=fal, settings=settings)
 
         first_stop = asyncio.Event()
-        first = Consumer(durable="poller", token="submitted", grace=0)
+        first = Consumer(durable="poller", token="submitted")
         first_run = asyncio.create_task(first.serve(bus, follow, first_stop))
 
         async def saw_a_status_change() -> bool:

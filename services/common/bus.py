@@ -10,8 +10,9 @@ Invariants:
   backoff; after ``max_deliver`` attempts (or at once for an undecodable message) it is
   copied to ``<prefix>.dlq.<durable>`` with the reason and terminated. Nothing is dropped
   silently and nothing loops forever.
-- On stop, handlers get ``grace`` seconds to finish; the rest are cancelled and their
-  messages nak'd, so another replica takes them over at once.
+- On stop, handlers get ``grace`` seconds to finish (those only following a task, inside
+  ``hold``, none); the rest are cancelled and their messages nak'd, so another replica takes
+  them over at once.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -113,8 +117,10 @@ class Bus:
                 return True
         return False
 
-    async def wait_for_any(self, task_id: str, tokens: tuple[str, ...], recheck: float = 30.0) -> None:
-        """Return once the task has an event of one of these kinds.
+    async def wait_for_any(
+        self, task_id: str, tokens: tuple[str, ...], *, until: datetime | None = None, recheck: float = 30.0
+    ) -> bool:
+        """Wait until the task has an event of one of these kinds (True) or ``until`` passes (False).
 
         Woken by a live subscription to the task's subjects; the stream is re-read every
         ``recheck`` seconds too, in case a reconnect lost the live message.
@@ -128,9 +134,16 @@ class Bus:
         sub = await self.nc.subscribe(self.task_subject(task_id, "*"), cb=on_event)
         try:
             while not await self.has_any(task_id, tokens):
+                wait = recheck
+                if until is not None:
+                    left = (until - datetime.now(UTC)).total_seconds()
+                    if left <= 0:
+                        return False
+                    wait = min(wait, left)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), recheck)
+                    await asyncio.wait_for(arrived.wait(), wait)
                 arrived.clear()
+            return True
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -240,6 +253,8 @@ class Consumer:
                 running.add(task)
                 task.add_done_callback(running.discard)
         stopping.cancel()
+        for task in [t for t in running if t in _HOLDING]:
+            task.cancel()  # only waiting on a task at fal: hand the message back now
         if running:
             _, late = await asyncio.wait(running, timeout=self.grace)
             for task in late:
@@ -300,9 +315,17 @@ class Consumer:
         await msg.term()
 
 
+_HOLDING: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
 @contextlib.asynccontextmanager
 async def hold(msg: Msg, every: float) -> AsyncIterator[None]:
-    """Keep ``msg`` from being redelivered while a long effect runs (``in_progress`` heartbeats)."""
+    """Keep ``msg`` from being redelivered while a long effect runs (``in_progress`` heartbeats).
+
+    The body must be safe to interrupt and redo (it follows a task; its publishes are
+    idempotent): a stopping ``Consumer`` cancels holding handlers at once, without ``grace``,
+    and their messages go straight to another replica.
+    """
 
     async def beat() -> None:
         while True:
@@ -310,10 +333,15 @@ async def hold(msg: Msg, every: float) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
+    current = asyncio.current_task()
+    if current is not None:
+        _HOLDING.add(current)
     task = asyncio.create_task(beat())
     try:
         yield
     finally:
+        if current is not None:
+            _HOLDING.discard(current)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -15,7 +15,9 @@ idempotency key, so such a redelivery submits again and the first fal request is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from datetime import timedelta
 
 from nats.aio.msg import Msg
 
@@ -49,20 +51,50 @@ def consumer(settings: Settings) -> Consumer:
     )
 
 
-async def on_requested(event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClient, max_deliver: int) -> None:
-    """Submit the task unless that was done already, then hold its slot until it ends."""
+async def on_requested(
+    event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClient, settings: Settings, max_deliver: int
+) -> None:
+    """Submit the task unless that was done already, then hold its slot until it ends.
+
+    The poller ends every task by ``task_timeout_seconds``; if no terminal event exists
+    ``stuck_task_grace_seconds`` after that (the poller dead-lettered it, say), the submitter
+    fails the task itself and cancels it at fal, so a lost follow-up never keeps a slot forever.
+    """
     if await bus.has_any(event.task_id, TERMINAL_TOKENS):
         return
-    if await bus.last_event(event.task_id, "submitted") is None and not await submit(
-        event, msg, bus, fal, max_deliver
-    ):
-        return
+    submitted = await bus.last_event(event.task_id, "submitted")
+    if submitted is None:
+        submitted = await submit(event, msg, bus, fal, max_deliver)
+        if submitted is None:
+            return
+    assert isinstance(submitted, TaskSubmitted)
+    limit = settings.task_timeout_seconds + settings.stuck_task_grace_seconds
     async with hold(msg, every=ACK_WAIT / 3):
-        await bus.wait_for_any(event.task_id, TERMINAL_TOKENS)
+        if await bus.wait_for_any(
+            event.task_id, TERMINAL_TOKENS, until=submitted.occurred_at + timedelta(seconds=limit)
+        ):
+            return
+        log.error("task %s has no outcome %.0fs after submission; failing it", event.task_id, limit)
+        with contextlib.suppress(FalError):
+            await fal.cancel(submitted.data.cancel_url)
+        await bus.publish(
+            TaskFailed(
+                task_id=event.task_id,
+                user_id=event.user_id,
+                causation_id=submitted.event_id,
+                data=TaskFailedData(
+                    stage="timeout",
+                    error=f"no outcome {limit:g}s after submission to the provider; cancelled",
+                    request_id=submitted.data.request_id,
+                ),
+            )
+        )
 
 
-async def submit(event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_deliver: int) -> bool:
-    """Submit to fal and publish the outcome; True if the task is now at fal."""
+async def submit(
+    event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_deliver: int
+) -> TaskSubmitted | None:
+    """Submit to fal and publish the outcome; the ``TaskSubmitted`` if the task is now at fal."""
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
     spec = MODELS.get(event.data.model)
     if spec is None:
@@ -71,7 +103,7 @@ async def submit(event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_d
                 **envelope, data=TaskFailedData(stage="submit", error=f"unknown model {event.data.model}")
             )
         )
-        return False
+        return None
     try:
         handle = await fal.submit(spec.id, build_fal_input(spec, event.data.model_dump()))
     except FalError as exc:
@@ -85,21 +117,20 @@ async def submit(event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_d
                 ),
             )
         )
-        return False
+        return None
     log.info("task %s submitted to fal as %s", event.task_id, handle.request_id)
-    await bus.publish(
-        TaskSubmitted(
-            **envelope,
-            data=TaskSubmittedData(
-                request_id=handle.request_id,
-                status_url=handle.status_url,
-                response_url=handle.response_url,
-                cancel_url=handle.cancel_url,
-                queue_position=handle.queue_position,
-            ),
-        )
+    submitted = TaskSubmitted(
+        **envelope,
+        data=TaskSubmittedData(
+            request_id=handle.request_id,
+            status_url=handle.status_url,
+            response_url=handle.response_url,
+            cancel_url=handle.cancel_url,
+            queue_position=handle.queue_position,
+        ),
     )
-    return True
+    await bus.publish(submitted)
+    return submitted
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
@@ -109,7 +140,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
     async def handle(event: FluxEvent, msg: Msg) -> None:
         assert isinstance(event, TaskRequested)
-        await on_requested(event, msg, bus=bus, fal=fal, max_deliver=spec.max_deliver)
+        await on_requested(event, msg, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver)
 
     try:
         await spec.serve(bus, handle, stop)
