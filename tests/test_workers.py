@@ -26,7 +26,6 @@ from schemas.events import (
     TaskRequestedData,
     TaskStatusChanged,
     TaskSubmitted,
-    TaskSubmittedData,
 )
 from services.common.bus import Bus, Consumer
 from services.common.fal import FalClient
@@ -34,7 +33,7 @@ from services.common.settings import Settings
 from services.common.storage import make_storage
 from services.poller.main import on_submitted
 from services.submitter.main import consumer as submitter_consumer
-from services.submitter.main import on_requested
+from services.submitter.main import on_requested, submitted_event
 from services.uploader.main import on_completed
 from tests.simulator_server import TEST_API_KEY, running_simulator
 from tests.test_bus import wait_for
@@ -68,19 +67,18 @@ async def submit_directly(bus: Bus, fal: FalClient, task_id: str) -> TaskSubmitt
     request = requested(task_id)
     await bus.publish(request)
     handle = await fal.submit("fal-ai/flux-1/schnell", {"prompt": "a quiet harbour", "seed": 3})
-    submitted = TaskSubmitted(
-        task_id=task_id,
-        user_id="alice",
-        data=TaskSubmittedData(
-            request_id=handle.request_id,
-            status_url=handle.status_url,
-            response_url=handle.response_url,
-            cancel_url=handle.cancel_url,
-            queue_position=handle.queue_position,
-        ),
-    )
+    submitted = submitted_event(request, handle)
     await bus.publish(submitted)
     return submitted
+
+
+async def has_event(bus: Bus, task_id: str, token: str) -> None:
+    """Wait until the task's story holds an event of this kind."""
+
+    async def present() -> bool:
+        return await bus.last_event(task_id, token) is not None
+
+    await wait_for(present)
 
 
 async def pending(bus: Bus, durable: str) -> tuple[int, int] | None:
@@ -126,10 +124,7 @@ async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submit
     first = submitter_consumer(settings)
     first_run = asyncio.create_task(serve_submitter(bus, fal, settings, first_stop, consumer=first))
 
-    async def submitted() -> bool:
-        return await bus.last_event("t1", "submitted") is not None
-
-    await wait_for(submitted)
+    await has_event(bus, "t1", "submitted")
     first_stop.set()
     await first_run
 
@@ -171,10 +166,7 @@ async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, setting
 
     await bus.publish(ended("a"))
 
-    async def third_submitted() -> bool:
-        return await bus.last_event("c", "submitted") is not None
-
-    await wait_for(third_submitted)
+    await has_event(bus, "c", "submitted")
     assert fal.submits == 3
     await wait_for(lambda: server_holds(2, 0))
     stop.set()
@@ -191,10 +183,7 @@ async def test_a_task_whose_follow_up_is_lost_is_failed_and_its_slot_released(bu
     stop = asyncio.Event()
     runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop))  # and no poller at all
 
-    async def next_submitted() -> bool:
-        return await bus.last_event("next", "submitted") is not None
-
-    await wait_for(next_submitted)
+    await has_event(bus, "next", "submitted")
     stop.set()
     await runner
     failure = await bus.last_event("lost", "failed")
@@ -222,10 +211,7 @@ async def test_a_poller_that_dies_mid_follow_is_resumed_without_repeating_events
         first = Consumer(durable="poller", token="submitted")
         first_run = asyncio.create_task(first.serve(bus, follow, first_stop))
 
-        async def saw_a_status_change() -> bool:
-            return await bus.last_event("t2", "status") is not None
-
-        await wait_for(saw_a_status_change)
+        await has_event(bus, "t2", "status")
         first_stop.set()
         await first_run
         assert "task.completed" not in await types_of(bus, "t2")
@@ -234,10 +220,7 @@ async def test_a_poller_that_dies_mid_follow_is_resumed_without_repeating_events
         second = Consumer(durable="poller", token="submitted")
         second_run = asyncio.create_task(second.serve(bus, follow, second_stop))
 
-        async def completed() -> bool:
-            return await bus.last_event("t2", "completed") is not None
-
-        await wait_for(completed)
+        await has_event(bus, "t2", "completed")
         second_stop.set()
         await second_run
         await fal.aclose()
@@ -263,10 +246,7 @@ async def test_a_task_stuck_at_fal_times_out_and_is_cancelled_there(bus, setting
     stop = asyncio.Event()
     runner = asyncio.create_task(Consumer(durable="poller", token="submitted").serve(bus, follow, stop))
 
-    async def failed() -> bool:
-        return await bus.last_event("t3", "failed") is not None
-
-    await wait_for(failed)
+    await has_event(bus, "t3", "failed")
     stop.set()
     await runner
     failure = await bus.last_event("t3", "failed")
@@ -297,10 +277,7 @@ async def test_bytes_that_are_not_an_image_end_in_storage_failed_and_store_nothi
         stop = asyncio.Event()
         runner = asyncio.create_task(Consumer(durable="uploader", token="completed").serve(bus, store, stop))
 
-        async def storage_failed() -> bool:
-            return await bus.last_event("t4", "storage_failed") is not None
-
-        await wait_for(storage_failed)
+        await has_event(bus, "t4", "storage_failed")
         stop.set()
         await runner
     failure = await bus.last_event("t4", "storage_failed")

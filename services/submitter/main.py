@@ -32,7 +32,7 @@ from schemas.events import (
     TaskSubmittedData,
 )
 from services.common.bus import Bus, Consumer, hold
-from services.common.fal import FalClient, FalError
+from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,17 @@ async def submit(
         )
         return None
     log.info("task %s submitted to fal as %s", event.task_id, handle.request_id)
-    submitted = TaskSubmitted(
-        **envelope,
+    submitted = submitted_event(event, handle)
+    await bus.publish(submitted)
+    return submitted
+
+
+def submitted_event(requested: TaskRequested, handle: QueueHandle) -> TaskSubmitted:
+    """What fal's answer to the submit of ``requested`` means for the log."""
+    return TaskSubmitted(
+        task_id=requested.task_id,
+        user_id=requested.user_id,
+        causation_id=requested.event_id,
         data=TaskSubmittedData(
             request_id=handle.request_id,
             status_url=handle.status_url,
@@ -129,8 +138,6 @@ async def submit(
             queue_position=handle.queue_position,
         ),
     )
-    await bus.publish(submitted)
-    return submitted
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
