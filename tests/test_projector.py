@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from sqlalchemy import select
 
 from schemas.events import (
@@ -23,6 +24,7 @@ from schemas.events import (
     TaskSubmittedData,
 )
 from services.common.db import FluxTask, ImageHistory
+from services.common.settings import Settings
 from services.projector.main import project
 from services.projector.projection import apply_batch, load_checkpoint
 from tests.test_bus import wait_for
@@ -129,11 +131,7 @@ async def test_projector_follows_the_stream_and_resumes_from_its_checkpoint(bus,
     stop = asyncio.Event()
     runner = asyncio.create_task(project(bus, engine, stop))
 
-    async def status_is(expected):
-        row = await fetch_task(engine)
-        return row is not None and row.status == expected
-
-    await wait_for(lambda: status_is("IN_QUEUE"))
+    await wait_for(lambda: status_is(engine, "IN_QUEUE"))
     stop.set()
     await runner
 
@@ -141,15 +139,50 @@ async def test_projector_follows_the_stream_and_resumes_from_its_checkpoint(bus,
         await bus.publish(event)
     stop = asyncio.Event()
     runner = asyncio.create_task(project(bus, engine, stop))
-    await wait_for(lambda: status_is("SUCCESS"))
-
-    async def history_row():
-        row = await fetch_task(engine)
-        return row.cloud_image_url is not None
-
-    await wait_for(history_row)
+    await wait_for(lambda: status_is(engine, "SUCCESS"))
+    await wait_for(lambda: history_count(engine, 1))
     stop.set()
     await runner
     last_seq = (await bus.js.stream_info(bus.stream)).state.last_seq
     async with engine.connect() as conn:
         assert await load_checkpoint(conn) == last_seq
+
+
+async def test_the_projector_rides_out_a_database_outage_without_losing_or_doubling_events(
+    bus, engine, pg_server_url, database_url
+):
+    admin = await asyncpg.connect(Settings(DATABASE_URL=pg_server_url).asyncpg_dsn)
+    name = engine.url.database
+    stop = asyncio.Event()
+    runner = asyncio.create_task(project(bus, engine, stop))
+    events = story()
+    await bus.publish(events[0])
+    await wait_for(lambda: status_is(engine, "PENDING"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        for event in events[1:]:
+            await bus.publish(event)
+        await asyncio.sleep(1.5)  # the projector meets the outage and keeps retrying
+        assert not runner.done()
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    await wait_for(lambda: status_is(engine, "SUCCESS"))
+    await wait_for(lambda: history_count(engine, 1))
+    stop.set()
+    await runner
+    row = await fetch_task(engine)
+    assert row.cloud_image_url == "http://gw/files/x.jpg" and row.last_event_seq == 5
+    async with engine.connect() as conn:
+        assert await load_checkpoint(conn) == 5
+
+
+async def status_is(engine, expected: str) -> bool:
+    row = await fetch_task(engine)
+    return row is not None and row.status == expected
+
+
+async def history_count(engine, expected: int) -> bool:
+    async with engine.connect() as conn:
+        return len((await conn.execute(select(ImageHistory.__table__))).all()) == expected

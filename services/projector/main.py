@@ -2,7 +2,8 @@
 
 It reads with an ordered consumer (no server-side state to manage, gaps detected and healed
 by the client) starting right after the checkpoint stored in PostgreSQL, and applies what
-arrived in batches of up to ``BATCH`` events per transaction.
+arrived in batches of up to ``BATCH`` events per transaction. A database outage pauses it
+(the batch is retried until it applies); it never skips an event.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import logging
 
 import nats.errors
 from nats.js import api
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from schemas.events import FluxEvent, UnknownEvent, decode_event
 from services.common.bus import Bus
@@ -52,11 +55,43 @@ async def project(bus: Bus, engine: AsyncEngine, stop: asyncio.Event) -> None:
                     batch.append((seq, decode_event(msg.data)))
                 except UnknownEvent as exc:
                     log.error("skipping undecodable event at stream seq %d (%s): %s", seq, msg.subject, exc)
-            async with engine.begin() as conn:
-                await apply_batch(conn, batch)
+            if not await apply_until_done(engine, batch, stop):
+                return
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def apply_until_done(
+    engine: AsyncEngine, batch: list[tuple[int, FluxEvent]], stop: asyncio.Event
+) -> bool:
+    """Apply one batch, retrying through database outages (backoff up to 10 s) until it is in.
+
+    Never skips: the read model must hold every event. A retry cannot double anything, since
+    the checkpoint moves in the batch's own transaction. False if ``stop`` came first.
+    """
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type((SQLAlchemyError, OSError)),
+        wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.2),
+        stop=lambda _: stop.is_set(),
+        before_sleep=lambda state: log.warning(
+            "projecting %d event(s) failed (attempt %d), retrying: %r",
+            len(batch),
+            state.attempt_number,
+            state.outcome.exception() if state.outcome else None,
+        ),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                async with engine.begin() as conn:
+                    await apply_batch(conn, batch)
+    except (SQLAlchemyError, OSError):
+        if stop.is_set():
+            return False
+        raise
+    return True
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
