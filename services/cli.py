@@ -7,17 +7,18 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
 
 from services.common.settings import Settings
+
+if TYPE_CHECKING:
+    from services.common.supervisor import Supervisor
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -181,6 +182,7 @@ def up(
         wait_for_port,
     )
     from services.common.migrate import upgrade
+    from services.common.supervisor import Supervisor
 
     if "FAL_BASE_URL" in os.environ and not os.environ.get("FAL_KEY"):
         raise typer.BadParameter("FAL_KEY is required when FAL_BASE_URL points at a real provider")
@@ -197,10 +199,10 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     started: list[Any] = []
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    env = dict(os.environ)
+    children = Supervisor(env, say=lambda line: typer.echo(line, err=True))
     runtime = data_dir / RUNTIME_FILE
     try:
-        env = dict(os.environ)
         env.setdefault("FLUXPIPE_JWT_SECRET", load_or_create_secret(data_dir / SECRET_FILE))
         env.setdefault("FLUXPIPE_STORAGE_DIR", str(data_dir / "storage"))
         env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
@@ -217,19 +219,15 @@ def up(
         settings = Settings(**core)
         upgrade(settings)
 
-        def spawn(service: Service, *args: str) -> None:
-            cmd = [sys.executable, "-m", "services.cli", "run", service.value, *args]
-            children.append((service.value, subprocess.Popen(cmd, env=env, start_new_session=True)))
-
         if "FAL_BASE_URL" not in os.environ:
             sim_port = free_port()
             env["FAL_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
             env.setdefault("FAL_KEY", "sim-" + secrets.token_hex(16))
-            spawn(Service.simulator, "--port", str(sim_port))
-            wait_for_port("127.0.0.1", sim_port, 30, children[-1][1])
+            simulator = children.spawn(Service.simulator, "--port", str(sim_port))
+            wait_for_port("127.0.0.1", sim_port, 30, simulator)
         for worker in WORKERS:
-            spawn(worker)
-        spawn(Service.gateway, "--port", str(port))
+            children.spawn(worker)
+        children.spawn(Service.gateway, "--port", str(port))
         gateway = f"http://127.0.0.1:{port}"
         _wait_ready(gateway, children)
         runtime.touch(mode=0o600)
@@ -246,9 +244,10 @@ def up(
             "Press Ctrl-C to stop.\n"
         )
         while True:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode}")
+            for server in started:
+                if not server.running():
+                    raise RuntimeError(f"the embedded {server.name} server stopped")
+            children.check()
             time.sleep(0.5)
     except KeyboardInterrupt:
         stopping = True
@@ -260,7 +259,7 @@ def up(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         runtime.unlink(missing_ok=True)
-        _stop_children(children)
+        children.stop()
         for server in reversed(started):
             server.stop()
         if stopping:
@@ -269,14 +268,13 @@ def up(
         raise typer.Exit(1)
 
 
-def _wait_ready(
-    gateway: str, children: list[tuple[str, subprocess.Popen[bytes]]], timeout: float = 90
-) -> None:
+def _wait_ready(gateway: str, children: Supervisor, timeout: float = 90) -> None:
+    """Wait for the gateway's readiness; a child dying during start-up is a configuration
+    problem, not a crash to restart, so it fails ``up`` at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for name, proc in children:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+        for name, code in children.exited():
+            raise RuntimeError(f"{name} exited with code {code} during start-up")
         try:
             if httpx.get(f"{gateway}/readyz", timeout=2).status_code == 200:
                 return
@@ -284,20 +282,6 @@ def _wait_ready(
             pass
         time.sleep(0.2)
     raise TimeoutError(f"gateway not ready at {gateway} after {timeout}s")
-
-
-def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    """Gateway first (no new work), then workers, then the simulator: SIGTERM, then SIGKILL."""
-    for _, proc in reversed(children):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for _, proc in reversed(children):
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class Stack:
             FLUXPIPE_POLL_MIN="0.1",
             FLUXPIPE_POLL_MAX="0.4",
             FLUXPIPE_LOG_LEVEL="INFO",
+            FLUXPIPE_FAILOVER_SECONDS="2",
             FAL_KEY=FAL_KEY,
         )
         env.update(extra_env or {})
@@ -94,6 +95,15 @@ class Stack:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGINT)
         return self.proc.wait(60)
+
+    def child_pid(self, service: str) -> int:
+        """The pid of the service ``fluxpipe up`` runs (``fluxpipe run <service>``)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in children:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"run" in argv and service.encode() in argv:
+                return int(pid)
+        raise AssertionError(f"{service} is not running under fluxpipe up")
 
     def cli(self, *args: str) -> str:
         return subprocess.run(
@@ -198,6 +208,26 @@ def test_history_lists_the_users_tasks_newest_first_and_only_theirs(stack: Stack
         assert client.get("/api/flux/history").json()["total"] == 0
         r = client.get(f"/api/flux/task/{page['items'][0]['id']}")
         assert r.status_code == 404
+
+
+def test_workers_killed_mid_task_are_restarted_and_the_task_ends_once(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        r = client.post("/api/flux/text-to-image", json={"prompt": "a storm over the pier"})
+        task_id = r.json()["task_id"]
+        follow(client, task_id, {"IN_QUEUE", "IN_PROGRESS"})
+        for service in ("poller", "submitter"):
+            os.kill(stack.child_pid(service), signal.SIGKILL)
+        task, _ = follow(client, task_id, {"SUCCESS", "FAILED"})
+    assert task["status"] == "SUCCESS" and task["cloud_image_url"]
+    assert "poller exited with code -9; restarting it" in stack.output
+    assert "submitter restarted" in stack.output
+
+    story = [json.loads(line) for line in stack.cli("events", task_id, "--json").splitlines()]
+    types = [e["type"] for e in story]
+    for once in ("task.requested", "task.submitted", "task.completed", "task.images_stored"):
+        assert types.count(once) == 1, types
+    seqs = [e["data"]["seq"] for e in story if e["type"] == "task.status_changed"]
+    assert seqs == list(range(1, len(seqs) + 1))
 
 
 def test_ctrl_c_stops_everything_and_data_survives_a_restart(stack: Stack) -> None:

@@ -319,12 +319,13 @@ _HOLDING: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
 
 @contextlib.asynccontextmanager
-async def hold(msg: Msg, every: float) -> AsyncIterator[None]:
+async def hold(msg: Msg, every: float, *, interruptible: bool = True) -> AsyncIterator[None]:
     """Keep ``msg`` from being redelivered while a long effect runs (``in_progress`` heartbeats).
 
-    The body must be safe to interrupt and redo (it follows a task; its publishes are
-    idempotent): a stopping ``Consumer`` cancels holding handlers at once, without ``grace``,
-    and their messages go straight to another replica.
+    An ``interruptible`` body must be safe to cut short and redo (it follows a task; its
+    publishes are idempotent): a stopping ``Consumer`` cancels it at once, without ``grace``,
+    and its message goes straight to another replica. Anything else (a submit to fal) gets
+    the grace period to finish.
     """
 
     async def beat() -> None:
@@ -333,7 +334,7 @@ async def hold(msg: Msg, every: float) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    current = asyncio.current_task()
+    current = asyncio.current_task() if interruptible else None
     if current is not None:
         _HOLDING.add(current)
     task = asyncio.create_task(beat())

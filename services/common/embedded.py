@@ -10,6 +10,7 @@ docs/BENCHMARKS.md measures what this costs. Production runs an R3 stream instea
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -84,6 +85,11 @@ class EmbeddedNats:
             raise
         return cls(proc=proc, url=f"nats://127.0.0.1:{port}")
 
+    name = "NATS"
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -109,6 +115,17 @@ class EmbeddedPostgres:
 
             server = pgserver.get_server(data_dir, cleanup_mode="stop")
         return cls(server=server, url=server.get_uri())
+
+    name = "PostgreSQL"
+
+    def running(self) -> bool:
+        """Whether the postmaster pgserver started is still alive."""
+        pid = self.server.get_pid()
+        try:
+            os.kill(pid, 0)
+        except (OSError, TypeError):
+            return False
+        return True
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     public_base_url: str = Field("http://127.0.0.1:8080", validation_alias="FLUXPIPE_PUBLIC_URL")
 
     task_timeout_seconds: float = Field(300.0, validation_alias="FLUXPIPE_TASK_TIMEOUT")
+    failover_seconds: float = Field(30.0, ge=1, validation_alias="FLUXPIPE_FAILOVER_SECONDS")
     stuck_task_grace_seconds: float = Field(120.0, validation_alias="FLUXPIPE_STUCK_TASK_GRACE")
     max_concurrent_tasks: int = Field(5, validation_alias="FLUXPIPE_MAX_CONCURRENT_TASKS")
     default_model: str = Field("fal-ai/flux-1/dev", validation_alias="FLUXPIPE_DEFAULT_MODEL")

@@ -42,11 +42,15 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ACK_WAIT = 30.0
-
 
 def consumer(settings: Settings) -> Consumer:
-    return Consumer(durable="poller", token="submitted", ack_wait=ACK_WAIT, max_deliver=20, concurrency=500)
+    return Consumer(
+        durable="poller",
+        token="submitted",
+        ack_wait=settings.failover_seconds,
+        max_deliver=20,
+        concurrency=500,
+    )
 
 
 async def on_submitted(
@@ -80,7 +84,7 @@ async def on_submitted(
     deadline = event.occurred_at + timedelta(seconds=settings.task_timeout_seconds)
     interval = settings.poll_interval_min
 
-    async with hold(msg, every=ACK_WAIT / 3):
+    async with hold(msg, every=settings.failover_seconds / 3):
         while True:
             if utcnow() >= deadline:
                 with contextlib.suppress(FalError):

@@ -37,14 +37,12 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ACK_WAIT = 60.0
-
 
 def consumer(settings: Settings) -> Consumer:
     return Consumer(
         durable="submitter",
         token="requested",
-        ack_wait=ACK_WAIT,
+        ack_wait=settings.failover_seconds,
         max_deliver=6,
         max_ack_pending=settings.max_concurrent_tasks,
         concurrency=settings.max_concurrent_tasks,
@@ -64,12 +62,13 @@ async def on_requested(
         return
     submitted = await bus.last_event(event.task_id, "submitted")
     if submitted is None:
-        submitted = await submit(event, msg, bus, fal, max_deliver)
+        async with hold(msg, every=settings.failover_seconds / 3, interruptible=False):
+            submitted = await submit(event, msg, bus, fal, max_deliver)
         if submitted is None:
             return
     assert isinstance(submitted, TaskSubmitted)
     limit = settings.task_timeout_seconds + settings.stuck_task_grace_seconds
-    async with hold(msg, every=ACK_WAIT / 3):
+    async with hold(msg, every=settings.failover_seconds / 3):
         if await bus.wait_for_any(
             event.task_id, TERMINAL_TOKENS, until=submitted.occurred_at + timedelta(seconds=limit)
         ):

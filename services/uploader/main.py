@@ -25,7 +25,7 @@ from schemas.events import (
     StoredImage,
     TaskCompleted,
 )
-from services.common.bus import Bus, Consumer
+from services.common.bus import Bus, Consumer, hold
 from services.common.images import NotAnImage, inspect_image
 from services.common.settings import Settings
 from services.common.storage import Storage, make_storage
@@ -33,8 +33,11 @@ from services.common.storage import Storage, make_storage
 log = logging.getLogger(__name__)
 
 
+ACK_WAIT = 60.0
+
+
 def consumer(settings: Settings) -> Consumer:
-    return Consumer(durable="uploader", token="completed", ack_wait=60, max_deliver=6, concurrency=16)
+    return Consumer(durable="uploader", token="completed", ack_wait=ACK_WAIT, max_deliver=6, concurrency=16)
 
 
 class DownloadTooLarge(Exception):
@@ -85,26 +88,27 @@ async def on_completed(
     prompt = getattr(getattr(requested, "data", None), "prompt", None) or ""
     stored: list[StoredImage] = []
     try:
-        for index, image in enumerate(event.data.images):
-            data = await download(http, image.url, settings.max_image_bytes)
-            info = inspect_image(data)
-            key = result_key(model, event.task_id, index, info.extension)
-            url = await storage.put(
-                key,
-                data,
-                info.content_type,
-                {"source": "flux", "task_id": event.task_id, "model": model, "prompt": prompt[:512]},
-            )
-            stored.append(
-                StoredImage(
-                    url=url,
-                    key=key,
-                    content_type=info.content_type,
-                    width=info.width,
-                    height=info.height,
-                    size=len(data),
+        async with hold(msg, every=ACK_WAIT / 3, interruptible=False):
+            for index, image in enumerate(event.data.images):
+                data = await download(http, image.url, settings.max_image_bytes)
+                info = inspect_image(data)
+                key = result_key(model, event.task_id, index, info.extension)
+                url = await storage.put(
+                    key,
+                    data,
+                    info.content_type,
+                    {"source": "flux", "task_id": event.task_id, "model": model, "prompt": prompt[:512]},
                 )
-            )
+                stored.append(
+                    StoredImage(
+                        url=url,
+                        key=key,
+                        content_type=info.content_type,
+                        width=info.width,
+                        height=info.height,
+                        size=len(data),
+                    )
+                )
     except (NotAnImage, DownloadTooLarge) as exc:
         await bus.publish(StorageFailed(**envelope, data=StorageFailedData(error=str(exc))))
         return

@@ -1,0 +1,98 @@
+"""The child processes of ``fluxpipe up``: start them, restart one that dies, stop them all.
+
+A service that exits on its own is restarted after a short backoff (1 s, doubling to 30 s)
+and the stack keeps serving; its unfinished messages come back to the new process through
+redelivery, so nothing is lost. A service that dies ``max_restarts`` times within
+``window`` seconds is crash-looping: ``check`` raises and ``fluxpipe up`` stops everything,
+saying which service and how it exited.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Child:
+    name: str
+    args: tuple[str, ...]
+    proc: subprocess.Popen[bytes] | None = None
+    deaths: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None
+
+
+def fluxpipe_run(name: str, args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "run", name, *args]
+
+
+@dataclass
+class Supervisor:
+    env: dict[str, str]
+    say: Callable[[str], None]
+    max_restarts: int = 5
+    window: float = 60.0
+    command: Callable[[str, tuple[str, ...]], list[str]] = fluxpipe_run
+    children: list[Child] = field(default_factory=list)
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``command(name, args)`` (``fluxpipe run <name> <args…>``) in its own session."""
+        child = Child(name, args)
+        self.children.append(child)
+        return self._start(child)
+
+    def _start(self, child: Child) -> subprocess.Popen[bytes]:
+        child.proc = subprocess.Popen(
+            self.command(child.name, child.args), env=self.env, start_new_session=True
+        )
+        child.restart_at = None
+        return child.proc
+
+    def exited(self) -> list[tuple[str, int]]:
+        """Children that are not running: (name, exit code)."""
+        return [
+            (c.name, c.proc.returncode)
+            for c in self.children
+            if c.proc is not None and c.proc.poll() is not None
+        ]
+
+    def check(self, now: float | None = None) -> None:
+        """Restart children that died (after their backoff); raise if one is crash-looping."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            if child.restart_at is None:
+                code = child.proc.returncode
+                while child.deaths and child.deaths[0] < now - self.window:
+                    child.deaths.popleft()
+                child.deaths.append(now)
+                if len(child.deaths) >= self.max_restarts:
+                    raise RuntimeError(
+                        f"{child.name} exited with code {code} {len(child.deaths)} times "
+                        f"within {self.window:.0f}s; giving up"
+                    )
+                delay = min(2.0 ** (len(child.deaths) - 1), 30.0)
+                child.restart_at = now + delay
+                self.say(f"fluxpipe: {child.name} exited with code {code}; restarting it in {delay:.0f}s")
+            elif now >= child.restart_at:
+                self._start(child)
+                self.say(f"fluxpipe: {child.name} restarted")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Last started first (the gateway before the workers): SIGTERM, then SIGKILL."""
+        live = [c.proc for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in live:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,70 @@
+"""``fluxpipe up``'s supervisor on real child processes: restart what dies, give up on a crash loop."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from services.common.supervisor import Supervisor
+
+
+def script(code: str):
+    return lambda name, args: [sys.executable, "-c", code]
+
+
+def wait_exit(supervisor: Supervisor) -> None:
+    deadline = time.monotonic() + 10
+    while not supervisor.exited():
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.02)
+
+
+def test_a_child_that_dies_is_restarted_after_a_backoff():
+    said: list[str] = []
+    supervisor = Supervisor({}, said.append, command=script("import sys; sys.exit(3)"))
+    first = supervisor.spawn("poller")
+    wait_exit(supervisor)
+    supervisor.check(now=100.0)
+    assert said == ["fluxpipe: poller exited with code 3; restarting it in 1s"]
+    supervisor.check(now=100.5)
+    assert supervisor.children[0].proc is first, "restarted before its backoff"
+    supervisor.check(now=101.0)
+    assert supervisor.children[0].proc is not first and said[-1] == "fluxpipe: poller restarted"
+    wait_exit(supervisor)
+    supervisor.check(now=102.0)
+    assert said[-1].endswith("restarting it in 2s")  # the backoff doubles
+
+
+def test_a_crash_loop_stops_the_stack_naming_the_service():
+    supervisor = Supervisor({}, lambda _: None, max_restarts=3, command=script("import sys; sys.exit(7)"))
+    supervisor.spawn("uploader")
+    now = 0.0
+    with pytest.raises(RuntimeError, match="uploader exited with code 7 3 times within 60s"):
+        for _ in range(10):
+            wait_exit(supervisor)
+            supervisor.check(now=now)
+            now += 5
+            supervisor.check(now=now)
+
+
+def test_deaths_outside_the_window_are_forgiven():
+    supervisor = Supervisor({}, lambda _: None, max_restarts=2, command=script("pass"))
+    supervisor.spawn("projector")
+    for now in (0.0, 100.0, 200.0, 300.0):  # one death every 100 s: never a crash loop
+        wait_exit(supervisor)
+        supervisor.check(now=now)
+        supervisor.check(now=now + 30)
+
+
+def test_stop_ends_children_that_ignore_sigterm():
+    supervisor = Supervisor(
+        {},
+        lambda _: None,
+        command=script("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"),
+    )
+    proc = supervisor.spawn("gateway")
+    time.sleep(0.3)
+    supervisor.stop(timeout=0.5)
+    assert proc.returncode is not None
