@@ -167,6 +167,8 @@ class Bus:
 
 Handler = Callable[[FluxEvent, Msg], Awaitable[None]]
 
+IDLE_POLL, BUSY_POLL = 1.0, 0.1
+
 
 @dataclass
 class Consumer:
@@ -240,8 +242,10 @@ class Consumer:
                 # slot or on stop, never on one alone.
                 await asyncio.wait({*running, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 continue
+            # A pull asks for at most ``room`` messages and a slot freed meanwhile is not
+            # refilled until it returns: long-poll only when idle, poll briefly when busy.
             try:
-                msgs = await sub.fetch(min(room, 64), timeout=1.0)
+                msgs = await sub.fetch(min(room, 64), timeout=IDLE_POLL if not running else BUSY_POLL)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception:  # connection blips: nats-py reconnects on its own
