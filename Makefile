@@ -30,3 +30,4 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py $(ARGS)
+	$(BIN)/python bench/bench_e2e.py

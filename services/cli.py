@@ -186,6 +186,7 @@ def up(
 
     if "FAL_BASE_URL" in os.environ and not os.environ.get("FAL_KEY"):
         raise typer.BadParameter("FAL_KEY is required when FAL_BASE_URL points at a real provider")
+    fsync = _fsync_every_write()
     if not port_is_free(port):
         raise typer.BadParameter(f"port {port} is in use; choose another with --port", param_hint="--port")
     data_dir = data_dir.resolve()
@@ -208,7 +209,7 @@ def up(
         env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
         env["PYTHONUNBUFFERED"] = "1"
         if "NATS_URL" not in os.environ:
-            nats_server = EmbeddedNats.start(data_dir / "nats")
+            nats_server = EmbeddedNats.start(data_dir / "nats", sync_always=fsync)
             started.append(nats_server)
             env["NATS_URL"] = nats_server.url
         if "DATABASE_URL" not in os.environ:
@@ -266,6 +267,14 @@ def up(
             typer.echo("fluxpipe stopped")
     if failed:
         raise typer.Exit(1)
+
+
+def _fsync_every_write() -> bool:
+    """``FLUXPIPE_NATS_SYNC``: ``always`` (default) or ``default`` (the server's 2-minute sync)."""
+    choice = os.environ.get("FLUXPIPE_NATS_SYNC", "always")
+    if choice not in ("always", "default"):
+        raise typer.BadParameter(f"FLUXPIPE_NATS_SYNC must be 'always' or 'default', not {choice!r}")
+    return choice == "always"
 
 
 def _wait_ready(gateway: str, children: Supervisor, timeout: float = 90) -> None:
