@@ -121,6 +121,15 @@ async def test_an_idempotency_key_makes_a_retried_submit_the_same_task(client, a
     assert len(await bus.task_story(first["task_id"])) == 1
 
 
+async def test_an_idempotency_key_reused_for_another_job_is_a_409(client, alice, bus):
+    headers = {**alice, "Idempotency-Key": "click-2"}
+    first = await client.post("/api/flux/text-to-image", json={"prompt": "a cat"}, headers=headers)
+    other = await client.post("/api/flux/text-to-image", json={"prompt": "a dog"}, headers=headers)
+    assert other.status_code == 409 and "Idempotency-Key already used" in other.json()["message"]
+    story = await bus.task_story(first.json()["task_id"])
+    assert [e.data.prompt for _, e in story if isinstance(e, TaskRequested)] == ["a cat"]
+
+
 async def test_other_users_tasks_are_not_found(client, alice, settings):
     task_id = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=alice)).json()[
         "task_id"

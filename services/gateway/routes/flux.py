@@ -37,36 +37,46 @@ async def text_to_image(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TaskAccepted:
-    """Queue a text-to-image job; returns the task id at once (the provider is never awaited)."""
+    """Queue a text-to-image job; returns the task id at once (the provider is never awaited).
+
+    With an ``Idempotency-Key`` a retried submit returns the same task; the same key with a
+    different job is a 409, never a silent answer about the other job.
+    """
     task_id = new_task_id(user.user_id, idempotency_key)
     response.headers["Location"] = f"/api/flux/task/{task_id}"
-    existing = await bus.last_event(task_id, "requested") if idempotency_key else None
-    if isinstance(existing, TaskRequested):
-        return TaskAccepted(task_id=task_id, status="PENDING", model=existing.data.model)
     model = body.model or settings.default_model
     spec = MODELS[model]
     steps = body.num_inference_steps
     if steps is None and spec.family is Family.FLUX1:
         steps = spec.default_steps
-    await bus.publish(
-        TaskRequested(
-            task_id=task_id,
-            user_id=user.user_id,
-            data=TaskRequestedData(
-                model=model,
-                task_type="text_to_image",
-                prompt=body.prompt,
-                num_images=body.num_images,
-                aspect_ratio=body.aspect_ratio,
-                guidance_scale=body.guidance_scale,
-                num_inference_steps=steps,
-                seed=body.seed,
-                safety_tolerance=body.safety_tolerance,
-                output_format=body.output_format,
-            ),
-        )
+    data = TaskRequestedData(
+        model=model,
+        task_type="text_to_image",
+        prompt=body.prompt,
+        num_images=body.num_images,
+        aspect_ratio=body.aspect_ratio,
+        guidance_scale=body.guidance_scale,
+        num_inference_steps=steps,
+        seed=body.seed,
+        safety_tolerance=body.safety_tolerance,
+        output_format=body.output_format,
     )
+    if idempotency_key:
+        await ensure_same_job(bus, task_id, data)
+    ack = await bus.publish(TaskRequested(task_id=task_id, user_id=user.user_id, data=data))
+    if ack.duplicate:  # a concurrent submit with the same key got there first
+        await ensure_same_job(bus, task_id, data)
     return TaskAccepted(task_id=task_id, status="PENDING", model=model)
+
+
+async def ensure_same_job(bus: Bus, task_id: str, data: TaskRequestedData) -> None:
+    """Refuse an ``Idempotency-Key`` already used for a different job (409)."""
+    existing = await bus.last_event(task_id, "requested")
+    if isinstance(existing, TaskRequested) and existing.data != data:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"Idempotency-Key already used for another job (task {task_id}); use a new key for a new job",
+        )
 
 
 def task_out(row: Any) -> TaskOut:
