@@ -196,9 +196,10 @@ def up(
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    # Installed explicitly: a shell's background job inherits SIGINT as ignored.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # Installed explicitly: a shell's background job inherits SIGINT as ignored. SIGHUP (the
+    # terminal closed) stops the stack cleanly too, instead of orphaning it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     started: list[Any] = []
     env = dict(os.environ)
     children = Supervisor(env, say=lambda line: typer.echo(line, err=True))
@@ -257,7 +258,7 @@ def up(
         typer.echo(f"fluxpipe up failed: {exc}; stopping everything it started", err=True)
         failed = True
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         runtime.unlink(missing_ok=True)
         children.stop()

@@ -96,10 +96,15 @@ class Stack:
         self.proc.send_signal(signal.SIGINT)
         return self.proc.wait(60)
 
+    def children(self) -> list[int]:
+        """The pids of the processes ``fluxpipe up`` started directly."""
+        return [
+            int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        ]
+
     def child_pid(self, service: str) -> int:
         """The pid of the service ``fluxpipe up`` runs (``fluxpipe run <service>``)."""
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        for pid in children:
+        for pid in self.children():
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"run" in argv and service.encode() in argv:
                 return int(pid)
@@ -268,3 +273,33 @@ def test_up_uses_the_servers_in_nats_url_and_database_url(nats_url, database_url
         assert all(json.loads(line)["type"] for line in story.splitlines())
     finally:
         assert stack.stop() == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(") ", 1)[1][0] != "Z"
+
+
+def test_a_killed_stack_leaves_nothing_running_and_restarts_on_its_data(tmp_path) -> None:
+    stack = Stack(tmp_path)
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        r = client.post("/api/flux/text-to-image", json={"prompt": "before the crash"})
+        follow(client, r.json()["task_id"], {"SUCCESS"})
+    services = stack.children()
+    postmaster = int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0])
+    stack.proc.kill()  # no chance to clean up
+    stack.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in services):
+        assert time.monotonic() < deadline, "services outlived fluxpipe up"
+        time.sleep(0.1)
+
+    again = Stack(tmp_path, port=stack.port)  # the port is free again
+    with httpx.Client(base_url=again.url, headers=again.auth, timeout=10) as client:
+        assert [t["prompt"] for t in client.get("/api/flux/history").json()["items"]] == ["before the crash"]
+    again.proc.send_signal(signal.SIGHUP)  # the terminal closed: a clean stop, like Ctrl-C
+    assert again.proc.wait(60) == 0 and "fluxpipe stopped" in again.output
+    assert not alive(postmaster), "PostgreSQL outlived the stack"

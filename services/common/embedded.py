@@ -50,7 +50,7 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[A
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: have Linux send it SIGTERM when its parent dies, so a killed
     ``fluxpipe up`` or test run never leaves a server holding its data folder."""
     with contextlib.suppress(Exception):
@@ -92,7 +92,7 @@ class EmbeddedNats:
             [nats_server_binary(), "-c", str(config)],
             stdout=log,
             stderr=log,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         log.close()
         try:
@@ -145,5 +145,14 @@ class EmbeddedPostgres:
         return True
 
     def stop(self) -> None:
+        """Stop the server. pgserver stops it only when no other process it recorded still
+        uses it, and never forgets one that was killed; the data folder is ours alone, so a
+        postmaster left running after that gets a fast shutdown (SIGINT) here."""
         with contextlib.suppress(Exception):
             self.server.cleanup()
+        pid = self.server.get_pid()
+        deadline = time.monotonic() + 15
+        with contextlib.suppress(OSError, TypeError):
+            os.kill(pid, signal.SIGINT)
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.05)

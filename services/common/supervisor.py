@@ -5,6 +5,10 @@ and the stack keeps serving; its unfinished messages come back to the new proces
 redelivery, so nothing is lost. A service that dies ``max_restarts`` times within
 ``window`` seconds is crash-looping: ``check`` raises and ``fluxpipe up`` stops everything,
 saying which service and how it exited.
+
+Children run in their own sessions (a Ctrl-C reaches ``up`` alone, which stops them in
+order) and are sent SIGTERM by the kernel if ``up`` itself dies (Linux), so they never
+outlive it holding ports.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from services.common.embedded import die_with_parent
 
 
 @dataclass
@@ -48,7 +54,10 @@ class Supervisor:
 
     def _start(self, child: Child) -> subprocess.Popen[bytes]:
         child.proc = subprocess.Popen(
-            self.command(child.name, child.args), env=self.env, start_new_session=True
+            self.command(child.name, child.args),
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         child.restart_at = None
         return child.proc
