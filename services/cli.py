@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -137,23 +138,15 @@ def _summary(event: Any) -> str:
 def events(
     task_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Then print new events live until the task's story ends")
+    ] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Print a task's event story, read back from JetStream in stream order."""
     from services.common.bus import Bus
 
-    async def story() -> list[tuple[int, Any]]:
-        bus = await Bus.connect(load_settings(data_dir), "cli", ensure=False)
-        try:
-            return await bus.task_story(task_id)
-        finally:
-            await bus.close()
-
-    found = asyncio.run(story())
-    if not found:
-        typer.echo(f"no events for task {task_id}", err=True)
-        raise typer.Exit(1)
-    for seq, event in found:
+    def show(seq: int, event: Any) -> None:
         if as_json:
             typer.echo(json.dumps({"seq": seq, **event.model_dump(mode="json")}))
         else:
@@ -161,6 +154,25 @@ def events(
                 f"{seq:>8}  {event.occurred_at.isoformat(timespec='milliseconds')}  {event.type:<22} "
                 f"{_summary(event)}"
             )
+
+    async def story() -> int:
+        bus = await Bus.connect(load_settings(data_dir), "cli", ensure=False)
+        try:
+            if follow:
+                async for seq, event in bus.follow_story(task_id):
+                    show(seq, event)
+                return 0
+            found = await bus.task_story(task_id)
+            for seq, event in found:
+                show(seq, event)
+            return len(found)
+        finally:
+            await bus.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        if asyncio.run(story()) == 0 and not follow:
+            typer.echo(f"no events for task {task_id}", err=True)
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -110,3 +110,22 @@ async def test_undecodable_and_permanently_failing_messages_are_dead_lettered_wi
     assert reasons[1] == "model is retired"
     info = await bus.js.consumer_info(bus.stream, "strict")
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_following_a_story_prints_the_past_then_live_events_and_stops_when_it_ends(bus):
+    from tests.test_projector import story as full_story
+
+    events = full_story()
+    await bus.publish(events[0])
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for _, event in bus.follow_story("task1"):
+            seen.append(event.type)
+
+    follower = asyncio.create_task(follow())
+    await wait_for(lambda: asyncio.sleep(0, result=seen == ["task.requested"]))
+    for event in events[1:]:
+        await bus.publish(event)
+    await asyncio.wait_for(follower, 10)  # ends by itself after images_stored
+    assert seen == [e.type for e in events]

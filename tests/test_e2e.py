@@ -179,6 +179,7 @@ def test_a_text_to_image_job_runs_end_to_end(stack: Stack) -> None:
 
     human = stack.cli("events", task_id)
     assert "task.images_stored" in human and "a lighthouse at dawn" in human
+    assert stack.cli("events", task_id, "--follow") == human  # a finished story: prints it and ends
 
 
 def test_a_provider_failure_ends_in_failed_with_the_providers_message(stack: Stack) -> None:

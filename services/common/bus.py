@@ -152,6 +152,34 @@ class Bus:
         """Every event of one task in stream order, with its stream sequence."""
         return [(seq, decode_event(data)) async for seq, _, data in self.iter_raw(self.task_subject(task_id))]
 
+    async def follow_story(self, task_id: str) -> AsyncIterator[tuple[int, FluxEvent]]:
+        """A task's events in stream order, the stored ones and then live ones as they are
+        published, until its story is complete: failed or cancelled, or completed and then
+        stored (or storage failed). Waits for the first event if there is none yet."""
+        sub = await self.js.subscribe(
+            self.task_subject(task_id),
+            stream=self.stream,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+        )
+        completed = False
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=5)
+                except nats.errors.TimeoutError:
+                    continue
+                event = decode_event(msg.data)
+                yield msg.metadata.sequence.stream, event
+                if event.token in ("failed", "cancelled") or (
+                    completed and event.token in ("stored", "storage_failed")
+                ):
+                    return
+                completed = completed or event.token == "completed"
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     async def iter_raw(self, subject: str, start_seq: int = 1) -> AsyncIterator[tuple[int, str, bytes]]:
         """Stored messages matching ``subject`` from ``start_seq`` on: (sequence, subject, data)."""
         seq = start_seq
