@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,6 +48,15 @@ def check_default_model(settings: Settings) -> None:
             f"FLUXPIPE_DEFAULT_MODEL={settings.default_model!r} is not a text-to-image model; "
             f"choose one of {', '.join(TEXT_TO_IMAGE_MODELS)}"
         )
+
+
+async def _passes(check: Callable[[], Awaitable[None]], within: float = 2.0) -> bool:
+    try:
+        async with asyncio.timeout(within):
+            await check()
+    except Exception:
+        return False
+    return True
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -96,13 +106,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        checks = {"nats": request.app.state.bus.nc.is_connected}
-        try:
+        async def nats_round_trip() -> None:
+            await request.app.state.bus.nc.flush(timeout=1)  # not just an open socket
+
+        async def postgres_query() -> None:
             async with request.app.state.engine.connect() as conn:
                 await conn.execute(text("select 1"))
-            checks["postgres"] = True
-        except Exception:
-            checks["postgres"] = False
+
+        checks = {"nats": await _passes(nats_round_trip), "postgres": await _passes(postgres_query)}
         return JSONResponse(status_code=200 if all(checks.values()) else 503, content=checks)
 
     app.include_router(flux.router)
