@@ -7,8 +7,9 @@ dead-letter it instead of crash-looping.
 
 Subjects carry the task: ``<prefix>.task.<task_id>.<token>``, so a task's whole story is the
 filter ``<prefix>.task.<task_id>.>``. ``msg_id`` is deterministic (task, event and, for
-repeatable events, a sequence number) and is sent as ``Nats-Msg-Id`` so a publish retried
-after a crash is dropped by the server's de-duplication window.
+repeatable events, a sequence number; ``end`` for every terminal event) and is sent as
+``Nats-Msg-Id`` so a publish retried after a crash is dropped by the server's
+de-duplication window.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class FluxEvent(_Frozen):
 
     @property
     def msg_id(self) -> str:
-        return f"{self.task_id}.{self.token}"
+        """Terminal events share one id, ``<task>.end``: whichever ends the task first is the
+        only one the server keeps (within the duplicate window), so a task ends exactly once."""
+        return f"{self.task_id}.{'end' if self.terminal else self.token}"
 
 
 # --- payloads ---------------------------------------------------------------------------

@@ -129,3 +129,17 @@ async def test_following_a_story_prints_the_past_then_live_events_and_stops_when
         await bus.publish(event)
     await asyncio.wait_for(follower, 10)  # ends by itself after images_stored
     assert seen == [e.type for e in events]
+
+
+async def test_a_task_ends_once_whichever_terminal_event_comes_first(bus):
+    from schemas.events import ProviderImage, TaskCompleted, TaskCompletedData, TaskFailed, TaskFailedData
+
+    failed = TaskFailed(task_id="t9", user_id="u", data=TaskFailedData(stage="timeout", error="late"))
+    completed = TaskCompleted(
+        task_id="t9", user_id="u", data=TaskCompletedData(request_id="r", images=(ProviderImage(url="u"),))
+    )
+    assert failed.msg_id == completed.msg_id == "t9.end"
+    await bus.publish(failed)
+    ack = await bus.publish(completed)
+    assert ack.duplicate
+    assert [e.type for _, e in await bus.task_story("t9")] == ["task.failed"]

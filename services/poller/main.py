@@ -61,6 +61,8 @@ async def on_submitted(
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
 
     async def fail(stage: FailureStage, exc: FalError | None = None, error: str | None = None) -> None:
+        if await bus.has_any(event.task_id, TERMINAL_TOKENS):
+            return  # ended meanwhile (the submitter's backstop): a task ends once
         await bus.publish(
             TaskFailed(
                 **envelope,
@@ -147,6 +149,8 @@ async def on_submitted(
             await fail("result", error="the provider returned no images")
             return
         timings = result.get("timings") or {}
+        if await bus.has_any(event.task_id, TERMINAL_TOKENS):
+            return
         await bus.publish(
             TaskCompleted(
                 **envelope,
