@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -118,6 +119,18 @@ async def test_an_idempotency_key_makes_a_retried_submit_the_same_task(client, a
     first = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=headers)).json()
     second = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=headers)).json()
     assert first["task_id"] == second["task_id"]
+    assert len(await bus.task_story(first["task_id"])) == 1
+
+
+async def test_a_retry_after_the_servers_duplicate_window_still_makes_no_second_job(client, alice, bus):
+    info = await bus.js.stream_info(bus.stream)
+    info.config.duplicate_window = 0.1  # stands in for the 10 minutes
+    await bus.js.update_stream(info.config)
+    headers = {**alice, "Idempotency-Key": "slow-client"}
+    first = (await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=headers)).json()
+    await asyncio.sleep(0.3)
+    again = await client.post("/api/flux/text-to-image", json={"prompt": "p"}, headers=headers)
+    assert again.status_code == 202 and again.json()["task_id"] == first["task_id"]
     assert len(await bus.task_story(first["task_id"])) == 1
 
 

@@ -26,6 +26,7 @@ from schemas.events import (
     TaskRequestedData,
     TaskStatusChanged,
     TaskSubmitted,
+    encode_event,
 )
 from services.common.bus import Bus, Consumer
 from services.common.fal import FalClient
@@ -147,6 +148,29 @@ async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submit
     await fal.aclose()
     assert fal.submits == 1
     assert await types_of(bus, "t1") == ["task.requested", "task.submitted", "task.failed"]
+
+
+async def test_a_repeated_request_for_a_task_is_never_submitted_again(bus, settings, fast):
+    fal = CountingFal(fast.public_url, TEST_API_KEY)
+    first = requested("t5")
+    await bus.publish(first)
+    await bus.js.publish(  # the same job again, past the server's de-duplication
+        first.subject(bus.prefix), encode_event(first), stream=bus.stream, headers={"Nats-Msg-Id": "other"}
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop))
+    await has_event(bus, "t5", "submitted")
+    await bus.publish(ended("t5"))
+
+    async def released() -> bool:
+        return await pending(bus, "submitter") == (0, 0)
+
+    await wait_for(released)
+    stop.set()
+    await runner
+    await fal.aclose()
+    assert fal.submits == 1
+    assert await types_of(bus, "t5") == ["task.requested", "task.requested", "task.submitted", "task.failed"]
 
 
 async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, settings, parked):

@@ -110,6 +110,16 @@ class Bus:
         assert raw.data is not None
         return decode_event(raw.data)
 
+    async def first_seq(self, task_id: str, token: str) -> int | None:
+        """The stream sequence of the task's first event of one kind."""
+        try:
+            raw = await self.js.get_msg(
+                self.stream, seq=1, subject=self.task_subject(task_id, token), next=True
+            )
+        except NotFoundError:
+            return None
+        return raw.seq
+
     async def has_any(self, task_id: str, tokens: tuple[str, ...]) -> bool:
         """Whether the stream holds any event of these kinds for the task."""
         for token in tokens:

@@ -58,6 +58,9 @@ async def on_requested(
     ``stuck_task_grace_seconds`` after that (the poller dead-lettered it, say), the submitter
     fails the task itself and cancels it at fal, so a lost follow-up never keeps a slot forever.
     """
+    if await bus.first_seq(event.task_id, "requested") != msg.metadata.sequence.stream:
+        log.warning("task %s: ignoring a repeated TaskRequested (not the task's first)", event.task_id)
+        return
     if await bus.has_any(event.task_id, TERMINAL_TOKENS):
         return
     submitted = await bus.last_event(event.task_id, "submitted")

@@ -7,10 +7,11 @@ from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy import Table, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.api import HistoryPage, TaskAccepted, TaskOut, TextToImageRequest
 from schemas.catalog import MODELS, Family
-from schemas.events import TaskRequested, TaskRequestedData
+from schemas.events import TaskRequested, TaskRequestedData, TaskStatus
 from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
@@ -33,6 +34,7 @@ async def text_to_image(
     body: TextToImageRequest,
     user: CurrentUser,
     bus: BusDep,
+    engine: EngineDep,
     settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -61,22 +63,35 @@ async def text_to_image(
         safety_tolerance=body.safety_tolerance,
         output_format=body.output_format,
     )
-    if idempotency_key:
-        await ensure_same_job(bus, task_id, data)
+    if idempotency_key and await already_requested(bus, task_id, data):
+        return TaskAccepted(task_id=task_id, status=await current_status(engine, task_id), model=model)
     ack = await bus.publish(TaskRequested(task_id=task_id, user_id=user.user_id, data=data))
     if ack.duplicate:  # a concurrent submit with the same key got there first
-        await ensure_same_job(bus, task_id, data)
+        await already_requested(bus, task_id, data)
     return TaskAccepted(task_id=task_id, status="PENDING", model=model)
 
 
-async def ensure_same_job(bus: Bus, task_id: str, data: TaskRequestedData) -> None:
-    """Refuse an ``Idempotency-Key`` already used for a different job (409)."""
+async def already_requested(bus: Bus, task_id: str, data: TaskRequestedData) -> bool:
+    """Whether this job is already in the log under ``task_id``; a different job there is a 409.
+
+    Never publishing it again matters beyond the server's de-duplication window: a second
+    ``TaskRequested`` would be a second job at fal.
+    """
     existing = await bus.last_event(task_id, "requested")
-    if isinstance(existing, TaskRequested) and existing.data != data:
+    if not isinstance(existing, TaskRequested):
+        return False
+    if existing.data != data:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"Idempotency-Key already used for another job (task {task_id}); use a new key for a new job",
         )
+    return True
+
+
+async def current_status(engine: AsyncEngine, task_id: str) -> TaskStatus:
+    async with engine.connect() as conn:
+        found = (await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))).scalar()
+    return cast(TaskStatus, found or "PENDING")
 
 
 def task_out(row: Any) -> TaskOut:
