@@ -29,6 +29,13 @@ class TextToImageRequest(BaseModel):
     safety_tolerance: Literal["1", "2", "3", "4", "5", "6"] = "2"
     output_format: Literal["jpeg", "png"] = "jpeg"
 
+    @field_validator("prompt")
+    @classmethod
+    def _printable_prompt(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters (\\u0000)")
+        return value
+
     @field_validator("model")
     @classmethod
     def _known_text_model(cls, value: str | None) -> str | None:

@@ -123,7 +123,7 @@ class StoredImage(_Frozen):
 
 
 class ImagesStoredData(_Frozen):
-    images: tuple[StoredImage, ...]
+    images: tuple[StoredImage, ...] = Field(min_length=1)
 
 
 class StorageFailedData(_Frozen):

@@ -33,7 +33,8 @@ async def test_requests_without_a_valid_token_get_401(client, settings):
     r = await client.post("/api/flux/text-to-image", json={"prompt": "x"})
     assert r.status_code == 401 and "missing bearer token" in r.json()["message"]
     forged = issue_token(settings.model_copy(update={"jwt_secret": SecretStr("y" * 40)}), "alice")
-    for token in ("garbage", forged):
+    too_long = issue_token(settings, "a" * 256)
+    for token in ("garbage", forged, too_long):
         r = await client.get("/api/flux/history", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401 and r.json()["message"].startswith("invalid token")
         assert r.headers["www-authenticate"] == "Bearer"
@@ -52,6 +53,7 @@ async def test_requests_without_a_valid_token_get_401(client, settings):
             "num_inference_steps must be between 1 and 12 for fal-ai/flux-1/schnell",
         ),
         ({"prompt": "x", "sed": 1}, "sed: Extra inputs are not permitted"),
+        ({"prompt": "a\u0000b"}, "prompt: must not contain NUL characters"),
     ],
 )
 async def test_invalid_jobs_get_422_naming_what_was_wrong(client, alice, bus, body, names):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from nats.js.errors import NotFoundError
 from sqlalchemy import select
 
 from schemas.events import (
@@ -186,3 +187,43 @@ async def status_is(engine, expected: str) -> bool:
 async def history_count(engine, expected: int) -> bool:
     async with engine.connect() as conn:
         return len((await conn.execute(select(ImageHistory.__table__))).all()) == expected
+
+
+async def test_an_event_that_cannot_be_projected_is_dead_lettered_and_the_rest_go_on(bus, engine):
+    poison = TaskRequested(
+        task_id="bad",
+        user_id="mallory",
+        data=TaskRequestedData(model="fal-ai/flux-1/dev", task_type="text_to_image", prompt="a\x00b"),
+    )
+    await bus.publish(poison)
+    await bus.js.publish(
+        bus.task_subject("odd", "requested"), b'{"type": "task.from_the_future"}', stream=bus.stream
+    )
+    for event in story():
+        await bus.publish(event)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(project(bus, engine, stop))
+    await wait_for(lambda: history_count(engine, 1))
+    stop.set()
+    await runner
+
+    assert (await fetch_task(engine)).status == "SUCCESS"
+    assert await fetch_task(engine, "bad") is None
+    parked = {m.headers["Fluxpipe-Subject"]: m.headers["Fluxpipe-Reason"] async for m in dead_letters(bus)}
+    assert parked.keys() == {bus.task_subject("bad", "requested"), bus.task_subject("odd", "requested")}
+    assert "cannot be projected" in parked[bus.task_subject("bad", "requested")]
+    assert "undecodable event" in parked[bus.task_subject("odd", "requested")]
+    last_task_seq = max(seq for seq, _, _ in [r async for r in bus.iter_raw(bus.task_subject())])
+    async with engine.connect() as conn:
+        assert await load_checkpoint(conn) == last_task_seq
+
+
+async def dead_letters(bus, durable="projector"):
+    seq = 1
+    while True:
+        try:
+            msg = await bus.js.get_msg(bus.stream, seq=seq, subject=bus.dlq_subject(durable), next=True)
+        except NotFoundError:
+            return
+        yield msg
+        seq = msg.seq + 1

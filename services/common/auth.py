@@ -12,6 +12,9 @@ import jwt
 from services.common.settings import Settings
 
 
+MAX_USER_ID = 255  # flux_tasks.user_id
+
+
 @dataclass(frozen=True)
 class Principal:
     user_id: str
@@ -46,6 +49,8 @@ def verify_token(settings: Settings, token: str) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise InvalidToken("token has no subject")
+    if len(sub) > MAX_USER_ID or not sub.isprintable():
+        raise InvalidToken(f"the subject must be at most {MAX_USER_ID} printable characters")
     return Principal(user_id=sub, admin=bool(claims.get("admin", False)))
 
 

@@ -92,6 +92,21 @@ class Bus:
         except BadRequestError:
             return await self.js.update_stream(config)
 
+    async def dead_letter(self, durable: str, subject: str, seq: int, data: bytes, reason: str) -> None:
+        """Copy a message ``durable`` will never apply to ``<prefix>.dlq.<durable>``, with why."""
+        log.error("dead-lettering %s (stream seq %s) from %s: %s", subject, seq, durable, reason)
+        await self.js.publish(
+            self.dlq_subject(durable),
+            data,
+            stream=self.stream,
+            headers={
+                "Nats-Msg-Id": f"dlq.{durable}.{seq}",
+                "Fluxpipe-Reason": reason[:1000],
+                "Fluxpipe-Subject": subject,
+                "Fluxpipe-Stream-Seq": str(seq),
+            },
+        )
+
     async def publish(self, event: FluxEvent) -> api.PubAck:
         """Publish one event; idempotent within the duplicate window."""
         return await self.js.publish(
@@ -341,19 +356,7 @@ class Consumer:
             await msg.ack_sync()
 
     async def _dead_letter(self, bus: Bus, msg: Msg, reason: str) -> None:
-        seq = msg.metadata.sequence.stream
-        log.error("dead-lettering %s (stream seq %s) from %s: %s", msg.subject, seq, self.durable, reason)
-        await bus.js.publish(
-            bus.dlq_subject(self.durable),
-            msg.data,
-            stream=bus.stream,
-            headers={
-                "Nats-Msg-Id": f"dlq.{self.durable}.{seq}",
-                "Fluxpipe-Reason": reason[:1000],
-                "Fluxpipe-Subject": msg.subject,
-                "Fluxpipe-Stream-Seq": str(seq),
-            },
-        )
+        await bus.dead_letter(self.durable, msg.subject, msg.metadata.sequence.stream, msg.data, reason)
         await msg.term()
 
 

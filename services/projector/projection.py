@@ -120,6 +120,8 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
             changes = {"status": "CANCELLED", "error_message": d.reason, "completed_at": event.occurred_at}
         case ImagesStored(data=d):
             stored = [img.model_dump() for img in d.images]
+            if not stored:
+                return row
             changes = {"cloud_image_url": stored[0]["url"], "cloud_images": stored, "storage_error": None}
         case StorageFailed(data=d):
             changes = {"storage_error": d.error}
@@ -141,14 +143,19 @@ def history_entry(row: Row) -> Row:
     }
 
 
-async def apply_batch(conn: AsyncConnection, batch: Sequence[tuple[int, FluxEvent]]) -> int:
-    """Apply events (stream seq, event) in order inside the caller's transaction.
+async def apply_batch(
+    conn: AsyncConnection, batch: Sequence[tuple[int, FluxEvent]], *, last_seq: int = 0
+) -> int:
+    """Apply events (stream seq, event) in order inside the caller's transaction and move the
+    checkpoint to the last of them, or to ``last_seq`` if that is further (past messages that
+    were dead-lettered instead of applied).
 
     Returns how many were applied; events at or below the checkpoint are skipped.
     """
     done = await load_checkpoint(conn, lock=True)
     pending = [(seq, event) for seq, event in batch if seq > done]
-    if not pending:
+    target = max([seq for seq, _ in pending] + [last_seq])
+    if target <= done:
         return 0
     ids = {event.task_id for _, event in pending}
     result = await conn.execute(select(tasks).where(tasks.c.id.in_(ids)))
@@ -182,6 +189,6 @@ async def apply_batch(conn: AsyncConnection, batch: Sequence[tuple[int, FluxEven
     await conn.execute(
         update(checkpoints)
         .where(checkpoints.c.name == CHECKPOINT)
-        .values(stream_seq=pending[-1][0], updated_at=func.now())
+        .values(stream_seq=target, updated_at=func.now())
     )
     return len(pending)
