@@ -22,6 +22,7 @@ from services.simulator.app import SimulatorSettings
 from tests.simulator_server import TEST_API_KEY, serve
 
 SECRET_KEY = "fal-secret-id:0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+NGINX_502 = "<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>"
 WAIT_LIMIT_SECONDS = 15.0
 
 
@@ -193,11 +194,108 @@ async def test_model_ids_must_have_an_owner_and_an_alias(fast: SimulatorSettings
 async def test_transient_statuses_are_retried(scripted: tuple[str, Script], code: int) -> None:
     base_url, script = scripted
     path = script.path(
-        Reply(code, {"detail": "try later"}), Reply(code, {"detail": "again"}), Reply(200, {"ok": 1})
+        Reply(code, {"detail": "try later"}),
+        Reply(code, {"detail": "again"}),
+        Reply(200, {"status": "COMPLETED"}),
     )
+    async with quick_client(base_url) as fal:
+        assert (await fal.status(f"{base_url}/{path}")).status == "COMPLETED"
+    assert script.hits[path] == 3
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(408, {"detail": "try later"}),
+        Reply(409, {"detail": "try later"}),
+        Reply(429, {"detail": "try later"}),
+        Reply(500, text=""),
+        Reply(502, text=NGINX_502),
+        Reply(503, text="<html>503 Service Temporarily Unavailable nginx</html>"),
+        Reply(504, text="<html>504 Gateway Time-out nginx</html>"),
+    ],
+)
+async def test_result_retries_transient_and_ingress_answers(
+    scripted: tuple[str, Script], reply: Reply
+) -> None:
+    base_url, script = scripted
+    path = script.path(reply, reply, Reply(200, {"ok": 1}))
     async with quick_client(base_url) as fal:
         assert await fal.result(f"{base_url}/{path}") == {"ok": 1}
     assert script.hits[path] == 3
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "error_type"),
+    [
+        (500, "Internal server error", "internal_server_error"),
+        (504, "Generation timed out", "generation_timeout"),
+    ],
+)
+async def test_a_models_5xx_result_is_final(
+    scripted: tuple[str, Script], code: int, message: str, error_type: str
+) -> None:
+    base_url, script = scripted
+    path = script.path(
+        Reply(code, {"detail": message, "error_type": error_type}, {"x-fal-request-id": "req-1"}),
+        Reply(200, {"ok": 1}),
+    )
+    async with quick_client(base_url) as fal:
+        with pytest.raises(FalError) as raised:
+            await fal.result(f"{base_url}/{path}")
+    assert script.hits[path] == 1
+    error = raised.value
+    assert (error.status_code, error.retryable, error.error_type) == (code, False, error_type)
+    assert error.message == message
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(502, text=NGINX_502, headers={"x-fal-request-id": "req-1"}),
+        Reply(503, {"detail": "Runner disconnected"}),
+        Reply(500, {"error_type": "internal_server_error"}),
+    ],
+)
+async def test_any_sign_of_the_request_makes_a_result_5xx_final(
+    scripted: tuple[str, Script], reply: Reply
+) -> None:
+    base_url, script = scripted
+    path = script.path(reply, Reply(200, {"ok": 1}))
+    async with quick_client(base_url) as fal:
+        with pytest.raises(FalError) as raised:
+            await fal.result(f"{base_url}/{path}")
+    assert script.hits[path] == 1
+    assert (raised.value.status_code, raised.value.retryable) == (reply.status_code, False)
+
+
+async def test_an_ingress_502_on_result_is_retried_until_max_attempts(scripted: tuple[str, Script]) -> None:
+    base_url, script = scripted
+    path = script.path(Reply(502, text=NGINX_502))
+    async with quick_client(base_url, max_attempts=3) as fal:
+        with pytest.raises(FalError) as raised:
+            await fal.result(f"{base_url}/{path}")
+    assert script.hits[path] == 3
+    assert (raised.value.status_code, raised.value.retryable) == (502, True)
+    assert "nginx" in raised.value.message
+
+
+async def test_status_still_retries_a_5xx_with_fals_detail(scripted: tuple[str, Script]) -> None:
+    base_url, script = scripted
+    path = script.path(
+        Reply(
+            500,
+            {"detail": "Internal server error", "error_type": "internal_server_error"},
+            {"x-fal-request-id": "req-1"},
+        )
+    )
+    async with quick_client(base_url, max_attempts=3) as fal:
+        with pytest.raises(FalError) as raised:
+            await fal.status(f"{base_url}/{path}")
+    assert script.hits[path] == 3
+    error = raised.value
+    assert (error.status_code, error.retryable, error.error_type) == (500, True, "internal_server_error")
+    assert error.message == "Internal server error"
 
 
 async def test_retries_stop_after_max_attempts(scripted: tuple[str, Script]) -> None:
@@ -361,7 +459,7 @@ async def test_the_key_never_appears_in_errors_reprs_or_logs(
     caplog.set_level(logging.DEBUG)
     base_url, script = scripted
     echoing = script.path(
-        Reply(503, {"detail": "overloaded, your header was {authorization}"}),
+        Reply(503, text="<html>nginx: overloaded, your header was {authorization}</html>"),
         Reply(400, {"detail": "bad credentials {authorization}"}),
     )
     echoing_text = script.path(Reply(401, text="denied for {authorization}"))

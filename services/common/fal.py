@@ -4,11 +4,16 @@ Invariants:
 - Submit POSTs to `{base_url}/{model_id}`; status, result and cancel only ever use the absolute URLs
   that submit returned (fal's rule: never build them, since they drop the model's subpath).
 - Transient failures are retried inside each call (tenacity, exponential backoff with jitter, at
-  most `max_attempts` tries): HTTP 408/409/429/5xx and transport errors. Never retried: a 504 with
-  `X-Fal-Request-Timeout-Type: user` (the caller's own deadline), a response marked
-  `X-Fal-Retryable: false`, and every other 4xx.
+  most `max_attempts` tries): HTTP 408/409/429/5xx (for `result`, only some 5xx: see below) and
+  transport errors. Never retried: a 504 with `X-Fal-Request-Timeout-Type: user` (the caller's own
+  deadline), a response marked `X-Fal-Retryable: false`, and every other 4xx.
+- `result` has its own rule for 5xx: one that is the request's own answer (an `x-fal-request-id`
+  header, or a JSON body with `detail` or `error_type`) is the model's final error (§3) and is never
+  retried. A 5xx without those signs (an ingress page such as nginx's, or no body) stays transient;
+  fal's own client likewise retries only ingress-like 502/503/504 (§6).
 - Every failure surfaces as `FalError` carrying fal's own message and error type. `retryable` tells
-  the caller whether trying again later may help (it is True only for the transient kinds above).
+  the caller whether trying the same call again later may help (it is True only for the transient
+  kinds above).
 - The API key is sent only in the `Authorization: Key …` header. It never appears in an exception
   message, a repr or a log line: messages taken from fal's answers are scrubbed of it.
 - `submit` is not idempotent at fal: when a submit's answer is lost in transit, its retry can create
@@ -111,6 +116,23 @@ def _is_transient(response: httpx.Response) -> bool:
     if response.headers.get("x-fal-retryable", "").strip().lower() == "false":
         return False
     return code in _RETRY_STATUS_CODES or code >= 500
+
+
+def _is_request_answer(response: httpx.Response) -> bool:
+    """fal answered for the request itself: its request id header, or its JSON error shape (§3)."""
+    if "x-fal-request-id" in response.headers:
+        return True
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and ("detail" in body or "error_type" in body)
+
+
+def _is_transient_result(response: httpx.Response) -> bool:
+    if response.status_code >= 500 and _is_request_answer(response):
+        return False
+    return _is_transient(response)
 
 
 def _is_success(response: httpx.Response) -> bool:
@@ -271,8 +293,9 @@ class FalClient:
 
     async def result(self, response_url: str) -> dict[str, Any]:
         """The model's output. A model error (422 validation, content policy, 5xx), a request that
-        is not finished (400) or unknown (404) raises `FalError` with fal's message."""
-        return self._json_object(await self._send("GET", response_url))
+        is not finished (400) or unknown (404) raises `FalError` with fal's message. A model's 5xx is
+        final (not retried, not `retryable`); only an ingress-like 5xx is retried."""
+        return self._json_object(await self._send("GET", response_url, transient=_is_transient_result))
 
     async def cancel(self, cancel_url: str) -> str:
         """Ask fal to cancel; returns fal's answer: `CANCELLATION_REQUESTED`, `ALREADY_COMPLETED`,
@@ -290,8 +313,9 @@ class FalClient:
         json_body: Any = None,
         params: dict[str, str] | None = None,
         accept: Callable[[httpx.Response], bool] = _is_success,
+        transient: Callable[[httpx.Response], bool] = _is_transient,
     ) -> httpx.Response:
-        """The first response that is not transient and that `accept` takes, retrying transient
+        """The first response that is not `transient` and that `accept` takes, retrying transient
         failures; otherwise `FalError`."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts),
@@ -305,9 +329,10 @@ class FalClient:
                 with attempt:
                     request = self._http.build_request(method, url, json=json_body, params=params)
                     response = await self._http.send(request)
-                    if not _is_transient(response) and accept(response):
+                    retryable = transient(response)
+                    if not retryable and accept(response):
                         return response
-                    raise self._error_from(response)
+                    raise self._error_from(response, retryable=retryable)
         except httpx.HTTPError as exc:
             message = self._redact(f"{type(exc).__name__} on {method} {_without_query(url)}: {exc}")
             raise FalError(message, retryable=_should_retry(exc)) from exc
@@ -336,7 +361,7 @@ class FalClient:
             sleep,
         )
 
-    def _error_from(self, response: httpx.Response) -> FalError:
+    def _error_from(self, response: httpx.Response, *, retryable: bool) -> FalError:
         """fal's message and error type from a failed response (§3 error shapes)."""
         try:
             body: Any = response.json()
@@ -366,7 +391,7 @@ class FalClient:
             self._redact(message),
             status_code=response.status_code,
             error_type=error_type,
-            retryable=_is_transient(response),
+            retryable=retryable,
             retry_after=_retry_after(response),
         )
 
