@@ -104,7 +104,7 @@ async def serve_submitter(
     deliveries: list[int] | None = None,
     consumer: Consumer | None = None,
 ) -> None:
-    consumer = consumer or submitter_consumer(settings)
+    consumer = consumer or submitter_consumer(settings, fal)
 
     async def handle(event: FluxEvent, msg: Any) -> None:
         assert isinstance(event, TaskRequested)
@@ -122,7 +122,7 @@ async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submit
     await bus.publish(requested("t1"))
 
     first_stop = asyncio.Event()
-    first = submitter_consumer(settings)
+    first = submitter_consumer(settings, fal)
     first_run = asyncio.create_task(serve_submitter(bus, fal, settings, first_stop, consumer=first))
 
     await has_event(bus, "t1", "submitted")
@@ -171,6 +171,31 @@ async def test_a_repeated_request_for_a_task_is_never_submitted_again(bus, setti
     await fal.aclose()
     assert fal.submits == 1
     assert await types_of(bus, "t5") == ["task.requested", "task.requested", "task.submitted", "task.failed"]
+
+
+class BrokenFal(FalClient):
+    """A client whose submit fails with something no retry will fix (a bug, say)."""
+
+    async def submit(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+
+async def test_a_task_the_submitter_keeps_failing_on_is_dead_lettered_and_ends_failed(bus, settings, fast):
+    fal = BrokenFal(fast.public_url, TEST_API_KEY)
+    await bus.publish(requested("t6"))
+    consumer = submitter_consumer(settings, fal)
+    consumer.max_deliver, consumer.backoff = 2, (0.05,)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop, consumer=consumer))
+    await has_event(bus, "t6", "failed")
+    stop.set()
+    await runner
+    await fal.aclose()
+    failure = await bus.last_event("t6", "failed")
+    assert isinstance(failure, TaskFailed) and failure.data.stage == "submit"
+    assert "could not process this task" in failure.data.error
+    parked = await bus.js.get_last_msg(bus.stream, bus.dlq_subject("submitter"))
+    assert parked.headers and "a bug" in parked.headers["Fluxpipe-Reason"]
 
 
 async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, settings, parked):

@@ -11,7 +11,6 @@ import jwt
 
 from services.common.settings import Settings
 
-
 MAX_USER_ID = 255  # flux_tasks.user_id
 
 

@@ -158,7 +158,7 @@ class Bus:
 
         sub = await self.nc.subscribe(self.task_subject(task_id, "*"), cb=on_event)
         try:
-            while not await self.has_any(task_id, tokens):
+            while not await self._has_any_or_unknown(task_id, tokens):
                 wait = recheck
                 if until is not None:
                     left = (until - datetime.now(UTC)).total_seconds()
@@ -172,6 +172,15 @@ class Bus:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _has_any_or_unknown(self, task_id: str, tokens: tuple[str, ...]) -> bool:
+        """``has_any``, but a NATS hiccup reads as "not yet": a long wait must not fail over it
+        (a held message may have been redelivered often, and would be dead-lettered)."""
+        try:
+            return await self.has_any(task_id, tokens)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("reading task %s from the stream failed, will look again: %r", task_id, exc)
+            return False
 
     async def task_story(self, task_id: str) -> list[tuple[int, FluxEvent]]:
         """Every event of one task in stream order, with its stream sequence."""
@@ -233,7 +242,8 @@ class Consumer:
 
     ``max_deliver`` is enforced here, not by the server (whose limit is unlimited): a message
     held across restarts is redelivered each time and must never be silently parked by the
-    server; a handler that keeps failing is dead-lettered once it reaches ``max_deliver``.
+    server; a handler that keeps failing is dead-lettered once it reaches ``max_deliver``, and
+    ``on_dead_letter`` (if given) is then called with the bus, the event and the reason.
     """
 
     durable: str
@@ -244,6 +254,7 @@ class Consumer:
     concurrency: int = 64
     backoff: tuple[float, ...] = (1, 2, 5, 10, 30)
     grace: float = 5.0
+    on_dead_letter: Callable[[Bus, FluxEvent, str], Awaitable[None]] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def config(self, bus: Bus) -> api.ConsumerConfig:
@@ -334,11 +345,11 @@ class Consumer:
                 await msg.nak()
             raise
         except PermanentError as exc:
-            await self._dead_letter(bus, msg, str(exc))
+            await self._dead_letter(bus, msg, str(exc), event)
             return
         except Exception as exc:
             if delivered >= self.max_deliver:
-                await self._dead_letter(bus, msg, f"gave up after {delivered} deliveries: {exc!r}")
+                await self._dead_letter(bus, msg, f"gave up after {delivered} deliveries: {exc!r}", event)
                 return
             delay = self.backoff[min(delivered, len(self.backoff)) - 1]
             log.warning(
@@ -355,8 +366,15 @@ class Consumer:
         with contextlib.suppress(Exception):
             await msg.ack_sync()
 
-    async def _dead_letter(self, bus: Bus, msg: Msg, reason: str) -> None:
+    async def _dead_letter(self, bus: Bus, msg: Msg, reason: str, event: FluxEvent | None = None) -> None:
+        """Park the message with the reason, then let ``on_dead_letter`` end its task (a task
+        whose next step was dead-lettered must not stay unfinished forever)."""
         await bus.dead_letter(self.durable, msg.subject, msg.metadata.sequence.stream, msg.data, reason)
+        if event is not None and self.on_dead_letter is not None:
+            try:
+                await self.on_dead_letter(bus, event, reason)
+            except Exception:
+                log.exception("%s could not end task %s after dead-lettering it", self.durable, event.task_id)
         await msg.term()
 
 

@@ -93,7 +93,7 @@ class Supervisor:
                 self._start(child)
                 self.say(f"fluxpipe: {child.name} restarted")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 45.0) -> None:
         """Last started first (the gateway before the workers): SIGTERM, then SIGKILL."""
         live = [c.proc for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
         for proc in live:

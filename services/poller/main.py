@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
+from functools import partial
 
 from nats.aio.msg import Msg
 
@@ -37,19 +38,21 @@ from schemas.events import (
     utcnow,
 )
 from services.common.bus import Bus, Consumer, hold
+from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueStatus
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def consumer(settings: Settings) -> Consumer:
+def consumer(settings: Settings, fal: FalClient) -> Consumer:
     return Consumer(
         durable="poller",
         token="submitted",
         ack_wait=settings.failover_seconds,
         max_deliver=20,
         concurrency=500,
+        on_dead_letter=partial(fail_dead_lettered, fal=fal, stage="poll"),
     )
 
 
@@ -169,7 +172,7 @@ async def on_submitted(
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     bus = await Bus.connect(settings, "poller")
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
-    spec = consumer(settings)
+    spec = consumer(settings, fal)
 
     async def handle(event: FluxEvent, msg: Msg) -> None:
         assert isinstance(event, TaskSubmitted)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
+from functools import partial
 
 from nats.aio.msg import Msg
 
@@ -32,13 +33,17 @@ from schemas.events import (
     TaskSubmittedData,
 )
 from services.common.bus import Bus, Consumer, hold
+from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def consumer(settings: Settings) -> Consumer:
+SUBMIT_GRACE = 35.0  # one whole fal attempt (30 s timeout): a stop never cuts a submit short
+
+
+def consumer(settings: Settings, fal: FalClient) -> Consumer:
     return Consumer(
         durable="submitter",
         token="requested",
@@ -46,6 +51,8 @@ def consumer(settings: Settings) -> Consumer:
         max_deliver=6,
         max_ack_pending=settings.max_concurrent_tasks,
         concurrency=settings.max_concurrent_tasks,
+        grace=SUBMIT_GRACE,
+        on_dead_letter=partial(fail_dead_lettered, fal=fal, stage="submit"),
     )
 
 
@@ -145,7 +152,7 @@ def submitted_event(requested: TaskRequested, handle: QueueHandle) -> TaskSubmit
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     bus = await Bus.connect(settings, "submitter")
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
-    spec = consumer(settings)
+    spec = consumer(settings, fal)
 
     async def handle(event: FluxEvent, msg: Msg) -> None:
         assert isinstance(event, TaskRequested)

@@ -48,7 +48,10 @@ async def download(http: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
     """The bytes at ``url`` (http(s) or a ``data:`` URI), refusing more than ``max_bytes``."""
     if url.startswith("data:"):
         _, _, payload = url.partition(",")
-        data = base64.b64decode(payload)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError as exc:  # binascii.Error
+            raise NotAnImage(f"the data URI is not valid base64: {exc}") from exc
     else:
         chunks: list[bytes] = []
         size = 0

@@ -1,0 +1,41 @@
+"""Ending a task whose next step was dead-lettered, so that it never stays unfinished."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from schemas.events import TERMINAL_TOKENS, FailureStage, FluxEvent, TaskFailed, TaskFailedData, TaskSubmitted
+from services.common.bus import Bus
+from services.common.fal import FalClient, FalError
+
+log = logging.getLogger(__name__)
+
+
+async def fail_dead_lettered(
+    bus: Bus, event: FluxEvent, reason: str, *, fal: FalClient, stage: FailureStage
+) -> None:
+    """Fail the task of a dead-lettered ``event`` (and cancel it at fal if it got there).
+
+    Does nothing if the task has ended already. The user sees that the pipeline failed, not
+    the internal reason, which operators find with the dead letter.
+    """
+    if await bus.has_any(event.task_id, TERMINAL_TOKENS):
+        return
+    submitted = await bus.last_event(event.task_id, "submitted")
+    if isinstance(submitted, TaskSubmitted):
+        with contextlib.suppress(FalError):
+            await fal.cancel(submitted.data.cancel_url)
+    log.error("failing task %s after dead-lettering it: %s", event.task_id, reason)
+    await bus.publish(
+        TaskFailed(
+            task_id=event.task_id,
+            user_id=event.user_id,
+            causation_id=event.event_id,
+            data=TaskFailedData(
+                stage=stage,
+                error="the pipeline could not process this task; operators: see its dead letter",
+                request_id=submitted.data.request_id if isinstance(submitted, TaskSubmitted) else None,
+            ),
+        )
+    )
