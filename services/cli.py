@@ -11,7 +11,7 @@ import signal
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -19,6 +19,7 @@ import typer
 from services.common.settings import Settings
 
 if TYPE_CHECKING:
+    from services.common.bus import Bus
     from services.common.supervisor import Supervisor
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -46,14 +47,46 @@ WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploade
 def load_settings(data_dir: Path = DEFAULT_DATA_DIR) -> Settings:
     """Settings from the environment; what it leaves unset comes from a running ``fluxpipe up``
     in ``data_dir`` (its URLs) and from the data folder's JWT secret."""
-    extra: dict[str, Any] = {}
-    runtime = data_dir / RUNTIME_FILE
-    if runtime.exists():
-        extra.update({k: v for k, v in json.loads(runtime.read_text()).items() if k not in os.environ})
+    extra: dict[str, Any] = {k: v for k, v in running_stack(data_dir).items() if k not in os.environ}
     secret = data_dir / SECRET_FILE
     if "FLUXPIPE_JWT_SECRET" not in os.environ and secret.exists():
         extra["FLUXPIPE_JWT_SECRET"] = secret.read_text().strip()
     return Settings(**extra)
+
+
+def running_stack(data_dir: Path) -> dict[str, str]:
+    """The URLs of the ``fluxpipe up`` running on ``data_dir``; empty if none is (a file left by
+    a killed one names a process that is gone)."""
+    try:
+        info = json.loads((data_dir / RUNTIME_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: info[k] for k in ("NATS_URL", "DATABASE_URL") if k in info}
+
+
+def stack_settings(data_dir: Path) -> Settings:
+    """Settings of a command that talks to a running stack: it never guesses a server."""
+    if "NATS_URL" not in os.environ and not running_stack(data_dir):
+        _fail(
+            f"no running fluxpipe up found in {data_dir}/: run this where `fluxpipe up` keeps its data, "
+            "pass --data-dir, or set NATS_URL (and DATABASE_URL)"
+        )
+    return load_settings(data_dir)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"fluxpipe: {message}", err=True)
+    raise typer.Exit(2)
+
+
+async def _connect(settings: Settings) -> Bus:
+    from services.common.bus import Bus
+
+    try:
+        return await Bus.connect(settings, "cli", ensure=False, reconnect=False)
+    except Exception as exc:
+        _fail(f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); is the stack running?")
 
 
 @app.command()
@@ -110,7 +143,13 @@ def token(
     """Print a bearer token the gateway accepts (HS256 JWT signed with the configured secret)."""
     from services.common.auth import issue_token
 
-    typer.echo(issue_token(load_settings(data_dir), user, admin=admin))
+    settings = load_settings(data_dir)
+    if not settings.jwt_secret.get_secret_value():
+        _fail(
+            f"no signing secret: {data_dir / SECRET_FILE} does not exist (run this where `fluxpipe up` "
+            "keeps its data, or pass --data-dir) and FLUXPIPE_JWT_SECRET is not set"
+        )
+    typer.echo(issue_token(settings, user, admin=admin))
 
 
 def _summary(event: Any) -> str:
@@ -144,7 +183,6 @@ def events(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Print a task's event story, read back from JetStream in stream order."""
-    from services.common.bus import Bus
 
     def show(seq: int, event: Any) -> None:
         if as_json:
@@ -155,10 +193,14 @@ def events(
                 f"{_summary(event)}"
             )
 
+    settings = stack_settings(data_dir)
+
     async def story() -> int:
-        bus = await Bus.connect(load_settings(data_dir), "cli", ensure=False)
+        bus = await _connect(settings)
         try:
             if follow:
+                if await bus.last_event(task_id, "requested") is None:
+                    typer.echo(f"no events for task {task_id} yet; waiting (Ctrl-C to stop)", err=True)
                 async for seq, event in bus.follow_story(task_id):
                     show(seq, event)
                 return 0
@@ -173,6 +215,18 @@ def events(
         if asyncio.run(story()) == 0 and not follow:
             typer.echo(f"no events for task {task_id}", err=True)
             raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """How the pipeline is doing: the stream, each worker's queue, the projector, dead letters."""
+    from services.common.status import pipeline_status, render_status
+
+    report = asyncio.run(pipeline_status(stack_settings(data_dir), _connect))
+    typer.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
 
 @app.command()
@@ -247,7 +301,12 @@ def up(
         runtime.touch(mode=0o600)
         runtime.write_text(
             json.dumps(
-                {"NATS_URL": env["NATS_URL"], "DATABASE_URL": env["DATABASE_URL"], "GATEWAY_URL": gateway}
+                {
+                    "NATS_URL": env["NATS_URL"],
+                    "DATABASE_URL": env["DATABASE_URL"],
+                    "GATEWAY_URL": gateway,
+                    "pid": os.getpid(),
+                }
             )
         )
         token = issue_token(settings, "dev")

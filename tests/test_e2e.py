@@ -181,6 +181,11 @@ def test_a_text_to_image_job_runs_end_to_end(stack: Stack) -> None:
     assert "task.images_stored" in human and "a lighthouse at dawn" in human
     assert stack.cli("events", task_id, "--follow") == human  # a finished story: prints it and ends
 
+    status = json.loads(stack.cli("status", "--json"))
+    assert status["consumers"]["submitter"]["max_in_hand"] == 5
+    assert status["dead_letters"] == {} and status["projector"]["applied_through_seq"] >= 5
+    assert "projector: applied through seq" in stack.cli("status")
+
 
 def test_a_provider_failure_ends_in_failed_with_the_providers_message(stack: Stack) -> None:
     with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:

@@ -54,10 +54,22 @@ class Bus:
     prefix: str
 
     @classmethod
-    async def connect(cls, settings: Settings, name: str, *, ensure: bool = True) -> Bus:
-        """Connect; with ``ensure`` (services) also declare the stream, without it (read-only tools) not."""
+    async def connect(
+        cls, settings: Settings, name: str, *, ensure: bool = True, reconnect: bool = True
+    ) -> Bus:
+        """Connect; with ``ensure`` (services) also declare the stream, without it (read-only tools)
+        not. Services reconnect forever; a tool (``reconnect=False``) fails at once instead."""
+        if reconnect:
+            options: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 1}
+        else:
+            # nats-py keeps retrying a first connect unless this is > 0 (0 and -1 mean forever).
+            options = {"max_reconnect_attempts": 1, "reconnect_time_wait": 0.5, "connect_timeout": 3}
+
+        async def quiet(exc: Exception) -> None:
+            log.debug("nats: %r", exc)
+
         nc = await nats.connect(
-            settings.nats_url, name=f"fluxpipe-{name}", max_reconnect_attempts=-1, reconnect_time_wait=1
+            settings.nats_url, name=f"fluxpipe-{name}", error_cb=None if reconnect else quiet, **options
         )
         bus = cls(
             nc=nc, js=nc.jetstream(timeout=10), stream=settings.stream_name, prefix=settings.subject_prefix
