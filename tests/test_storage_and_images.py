@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from services.common.images import NotAnImage, inspect_image
-from services.common.runtime import RedactSecrets
+from services.common.runtime import RedactingFormatter
 from services.common.storage import LocalStorage
 from services.uploader.main import result_key
 
@@ -55,9 +55,19 @@ def test_result_keys_follow_the_plan():
     assert result_key("fal-ai/flux-1/dev", "abc", 2, "png") == "flux_fal-ai_flux-1_dev_abc_2.png"
 
 
-def test_log_lines_never_carry_a_configured_secret(caplog):
+def test_log_lines_never_carry_a_configured_secret_not_even_in_a_traceback():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s", ["fal-secret-key-123"]))
     logger = logging.getLogger("redaction-test")
-    logger.addFilter(RedactSecrets(["fal-secret-key-123"]))
-    with caplog.at_level(logging.INFO, logger="redaction-test"):
-        logger.info("calling fal with %s", "Key fal-secret-key-123")
-    assert "fal-secret-key-123" not in caplog.text and "Key ***" in caplog.text
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.info("calling fal with %s", "Key fal-secret-key-123")
+    try:
+        raise RuntimeError("header was Key fal-secret-key-123")
+    except RuntimeError:
+        logger.exception("it failed")
+    logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "fal-secret-key-123" not in text
+    assert "calling fal with Key ***" in text and "RuntimeError: header was Key ***" in text

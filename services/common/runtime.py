@@ -11,30 +11,28 @@ from collections.abc import Awaitable, Callable
 from services.common.settings import Settings
 
 
-class RedactSecrets(logging.Filter):
-    """Defence in depth: replace any configured secret that reaches a log line with ``***``."""
+class RedactingFormatter(logging.Formatter):
+    """Defence in depth: any configured secret in a formatted record, message or traceback,
+    is replaced with ``***``."""
 
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
         self.secrets = [s for s in secrets if len(s) >= 6]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        message = record.getMessage()
-        redacted = message
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
         for secret in self.secrets:
-            redacted = redacted.replace(secret, "***")
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
+            text = text.replace(secret, "***")
+        return text
 
 
 def setup_logging(settings: Settings, service: str) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(
-        RedactSecrets([settings.fal_key.get_secret_value(), settings.jwt_secret.get_secret_value()])
+    handler.setFormatter(
+        RedactingFormatter(
+            f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+            [settings.fal_key.get_secret_value(), settings.jwt_secret.get_secret_value()],
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

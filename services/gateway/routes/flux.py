@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import uuid
 from typing import Annotated, Any, cast
 
@@ -19,13 +21,15 @@ from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
 
-_IDEMPOTENCY_NS = uuid.UUID("6f1c1d8e-5b7a-4f0e-9a59-6c9b1f0d2a11")
 tasks = cast(Table, FluxTask.__table__)
 
 
-def new_task_id(user_id: str, idempotency_key: str | None) -> str:
+def new_task_id(user_id: str, idempotency_key: str | None, secret: str) -> str:
+    """A random id, or with an ``Idempotency-Key`` the same id for the same user and key: keyed
+    with the server's secret, so nobody can work out a task id (and its image URL) from them."""
     if idempotency_key:
-        return uuid.uuid5(_IDEMPOTENCY_NS, f"{user_id}\n{idempotency_key}").hex
+        digest = hmac.new(secret.encode(), f"{user_id}\n{idempotency_key}".encode(), hashlib.sha256)
+        return digest.hexdigest()[:32]
     return uuid.uuid4().hex
 
 
@@ -44,7 +48,7 @@ async def text_to_image(
     With an ``Idempotency-Key`` a retried submit returns the same task; the same key with a
     different job is a 409, never a silent answer about the other job.
     """
-    task_id = new_task_id(user.user_id, idempotency_key)
+    task_id = new_task_id(user.user_id, idempotency_key, settings.jwt_secret.get_secret_value())
     response.headers["Location"] = f"/api/flux/task/{task_id}"
     model = body.model or settings.default_model
     spec = MODELS[model]
