@@ -227,3 +227,59 @@ async def dead_letters(bus, durable="projector"):
             return
         yield msg
         seq = msg.seq + 1
+
+
+async def test_a_database_that_answers_but_refuses_writes_pauses_the_projector_and_loses_nothing(
+    bus, engine, pg_server_url, database_url
+):
+    admin = await asyncpg.connect(Settings(DATABASE_URL=pg_server_url).asyncpg_dsn)
+    name = engine.url.database
+
+    async def sessions_become(setting: str) -> None:
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {setting}')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(project(bus, engine, stop))
+    try:
+        await sessions_become("on")  # like a full disk or a failed-over replica: select 1 still works
+        for event in story():
+            await bus.publish(event)
+        await asyncio.sleep(1.5)
+        assert not runner.done()
+        assert [m async for m in dead_letters(bus)] == []
+    finally:
+        await sessions_become("off")
+        await admin.close()
+    await wait_for(lambda: history_count(engine, 1))
+    stop.set()
+    await runner
+    assert (await fetch_task(engine)).status == "SUCCESS"
+
+
+async def test_many_unprojectable_events_in_a_row_pause_the_projector_instead_of_parking_them_all(
+    bus, engine
+):
+    from services.projector.main import BREAKER
+
+    for i in range(BREAKER + 3):
+        await bus.publish(
+            TaskRequested(
+                task_id=f"bad{i}",
+                user_id="u",
+                data=TaskRequestedData(model="fal-ai/flux-1/dev", task_type="text_to_image", prompt="\x00"),
+            )
+        )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(project(bus, engine, stop))
+
+    async def parked(n: int) -> bool:
+        return len([m async for m in dead_letters(bus)]) == n
+
+    await wait_for(lambda: parked(BREAKER))
+    await asyncio.sleep(1)
+    assert await parked(BREAKER) and not runner.done()
+    stop.set()
+    await runner
+    async with engine.connect() as conn:
+        assert await load_checkpoint(conn) == BREAKER  # the rest wait for a fix, not lost

@@ -2,9 +2,18 @@
 
 It reads with an ordered consumer (no server-side state to manage, gaps detected and healed
 by the client) starting right after the checkpoint stored in PostgreSQL, and applies what
-arrived in batches of up to ``BATCH`` events per transaction. A database outage pauses it
-(the batch is retried until it applies); an event that can never be applied is
-dead-lettered with the reason instead of stopping every other task's projection.
+arrived in batches of up to ``BATCH`` events per transaction.
+
+Invariants:
+- Exactly-once effect: the checkpoint moves in the same transaction as the rows it covers.
+- Nothing is skipped for a reason that is not the event's own. A database that is down,
+  full, read-only or refuses us pauses the projector (the batch is retried with backoff,
+  interruptibly) instead of dead-lettering good events.
+- An event that can never be applied (its data breaks a constraint, or folding it raises)
+  is dead-lettered to ``<prefix>.dlq.projector`` with the reason and the checkpoint moves
+  past it, so one bad event never stops every other task's projection. ``BREAKER`` such
+  events in a row look like a bug, not bad data: the projector pauses instead.
+- Undecodable events (an unknown type, a newer version) are dead-lettered the same way.
 """
 
 from __future__ import annotations
@@ -12,12 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import nats.errors
 from nats.js import api
-from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from schemas.events import FluxEvent, UnknownEvent, decode_event
 from services.common.bus import Bus
@@ -26,6 +39,7 @@ from services.common.settings import Settings
 from services.projector.projection import apply_batch, load_checkpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH = 256
 DURABLE = "projector"
@@ -33,111 +47,136 @@ DURABLE = "projector"
 
 Raw = tuple[int, str, bytes]  # stream seq, subject, data
 
+# SQLSTATE classes that are the event's fault: data exceptions, integrity violations,
+# program limits (a value too large). Anything else from the database is its state, not the
+# event's (down, full, read-only, no privilege, a lock): the projector pauses and retries.
+EVENT_FAULTS = ("22", "23", "54")
+BREAKER = 10  # this many unprojectable events in a row look like a bug, not bad data: pause
+
+
+class Pause(Exception):
+    """Projecting cannot go on for a reason that is not the event's: retry the batch later."""
+
+
+@dataclass
+class Projector:
+    bus: Bus
+    engine: AsyncEngine
+    stop: asyncio.Event
+    parked_in_a_row: int = 0
+
+    async def run(self) -> None:
+        start = await self.retrying(self.checkpoint) + 1
+        sub = await self.bus.js.subscribe(
+            self.bus.task_subject(),
+            stream=self.bus.stream,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+        )
+        log.info("projector following %s from stream seq %d", self.bus.task_subject(), start)
+        try:
+            while not self.stop.is_set():
+                try:
+                    first = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    continue
+                msgs = [first]
+                while len(msgs) < BATCH and sub.pending_msgs > 0:
+                    msgs.append(await sub.next_msg(timeout=1))
+                raws = [(m.metadata.sequence.stream, m.subject, m.data) for m in msgs]
+                try:
+                    await self.retrying(partial(self.apply, raws))
+                except Pause:
+                    return  # stopped during an outage: nothing was lost, the checkpoint says where
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` until it succeeds, pausing with backoff (0.2 s doubling to 10 s) while
+        it raises ``Pause``; raises ``Pause`` if ``stop`` is set meanwhile."""
+        tries = 0
+        while True:
+            try:
+                return await attempt()
+            except Pause as exc:
+                tries += 1
+                log.warning("projector paused (attempt %d): %s", tries, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.stop.wait(), min(0.2 * 2 ** (tries - 1), 10.0) * random.uniform(0.8, 1.2)
+                )
+            if self.stop.is_set():
+                raise Pause("stopped")
+
+    async def checkpoint(self) -> int:
+        try:
+            async with self.engine.begin() as conn:
+                return await load_checkpoint(conn)
+        except Exception as exc:
+            raise Pause(f"cannot read the checkpoint: {exc!r}") from exc
+
+    async def apply(self, raws: list[Raw]) -> None:
+        """Apply one batch of stream messages (see the module's invariants). Restartable: every
+        step moves the checkpoint in its own transaction, and dead letters are de-duplicated
+        by stream sequence, so a retry after ``Pause`` redoes only what is not done."""
+        batch: list[tuple[int, FluxEvent]] = []
+        where = {seq: (subject, data) for seq, subject, data in raws}
+        for seq, subject, data in raws:
+            try:
+                batch.append((seq, decode_event(data)))
+            except UnknownEvent as exc:
+                await self.park(seq, subject, data, f"undecodable event: {exc}")
+        try:
+            if await self.write(batch, last_seq=raws[-1][0]):
+                self.parked_in_a_row = 0
+            return
+        except EventFault as exc:
+            log.error("a batch of %d event(s) failed; applying them one by one: %s", len(batch), exc)
+        for seq, event in batch:
+            try:
+                if await self.write([(seq, event)]):  # 0 when a retry meets it done already
+                    self.parked_in_a_row = 0
+            except EventFault as exc:
+                if self.parked_in_a_row >= BREAKER:
+                    raise Pause(f"{BREAKER} events in a row could not be projected: a bug? ({exc})") from exc
+                subject, data = where[seq]
+                await self.park(seq, subject, data, f"cannot be projected: {exc}")
+                await self.write([], last_seq=seq)
+        await self.write([], last_seq=raws[-1][0])
+
+    async def write(self, batch: list[tuple[int, FluxEvent]], last_seq: int = 0) -> int:
+        """One transaction; how many events it applied. ``EventFault`` if an event in it is at
+        fault, ``Pause`` for anything else."""
+        try:
+            async with self.engine.begin() as conn:
+                return await apply_batch(conn, batch, last_seq=last_seq)
+        except DBAPIError as exc:
+            state = str(getattr(exc.orig, "sqlstate", "") or "")
+            if state[:2] in EVENT_FAULTS:
+                raise EventFault(f"{state}: {exc.orig}") from exc
+            raise Pause(f"the database refused the batch ({state or 'no sqlstate'}): {exc.orig}") from exc
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise Pause(f"the database is unreachable: {exc!r}") from exc
+        except Exception as exc:  # folding raised: this code cannot apply that event
+            raise EventFault(repr(exc)) from exc
+
+    async def park(self, seq: int, subject: str, data: bytes, reason: str) -> None:
+        self.parked_in_a_row += 1
+        try:
+            await self.bus.dead_letter(DURABLE, subject, seq, data, reason[:1000])
+        except Exception as exc:
+            raise Pause(f"cannot dead-letter stream seq {seq}: {exc!r}") from exc
+
+
+class EventFault(Exception):
+    """An event in the transaction can never be applied (its data, or a bug folding it)."""
+
 
 async def project(bus: Bus, engine: AsyncEngine, stop: asyncio.Event) -> None:
-    async with engine.begin() as conn:
-        start = await load_checkpoint(conn) + 1
-    sub = await bus.js.subscribe(
-        bus.task_subject(),
-        stream=bus.stream,
-        ordered_consumer=True,
-        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
-    )
-    log.info("projector following %s from stream seq %d", bus.task_subject(), start)
-    try:
-        while not stop.is_set():
-            try:
-                first = await sub.next_msg(timeout=0.5)
-            except nats.errors.TimeoutError:
-                continue
-            msgs = [first]
-            while len(msgs) < BATCH and sub.pending_msgs > 0:
-                msgs.append(await sub.next_msg(timeout=1))
-            raws = [(m.metadata.sequence.stream, m.subject, m.data) for m in msgs]
-            if not await apply_until_done(bus, engine, raws, stop):
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-
-
-async def apply_until_done(bus: Bus, engine: AsyncEngine, raws: list[Raw], stop: asyncio.Event) -> bool:
-    """Apply one batch of stream messages, whatever happens, until it is in; False if ``stop``
-    came first.
-
-    - While the database does not answer, the batch is retried with backoff (up to 10 s):
-      an outage pauses the projection and loses nothing.
-    - If it answers and the batch still fails, an event in it cannot be applied (bad data, a
-      bug): the batch is applied event by event and each such event is dead-lettered to
-      ``<prefix>.dlq.projector`` with the reason, so one event never stops the rest.
-    - An event that cannot be decoded (unknown type or version) is dead-lettered the same way.
-    A retry cannot double anything: the checkpoint moves in each batch's own transaction.
-    """
-    batch: list[tuple[int, FluxEvent]] = []
-    for seq, subject, data in raws:
-        try:
-            batch.append((seq, decode_event(data)))
-        except UnknownEvent as exc:
-            await bus.dead_letter(DURABLE, subject, seq, data, f"undecodable event: {exc}")
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(DatabaseDown),
-        wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.2),
-        stop=lambda _: stop.is_set(),
-        before_sleep=lambda state: log.warning(
-            "the database is unreachable; retrying %d event(s) (attempt %d)", len(raws), state.attempt_number
-        ),
-        reraise=True,
-    )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                await apply_or_isolate(bus, engine, raws, batch)
-    except DatabaseDown:
-        if stop.is_set():
-            return False
-        raise
-    return True
-
-
-class DatabaseDown(Exception):
-    pass
-
-
-async def apply_or_isolate(
-    bus: Bus, engine: AsyncEngine, raws: list[Raw], batch: list[tuple[int, FluxEvent]]
-) -> None:
-    try:
-        async with engine.begin() as conn:
-            await apply_batch(conn, batch, last_seq=raws[-1][0])
-        return
-    except Exception as exc:
-        if not await database_answers(engine):
-            log.warning("projecting failed, the database does not answer: %r", exc)
-            raise DatabaseDown from exc
-        log.error("a batch of %d event(s) failed; applying them one by one: %r", len(batch), exc)
-    where = {seq: (subject, data) for seq, subject, data in raws}
-    for seq, event in batch:
-        try:
-            async with engine.begin() as conn:
-                await apply_batch(conn, [(seq, event)])
-        except Exception as exc:
-            if not await database_answers(engine):
-                raise DatabaseDown from exc
-            subject, data = where[seq]
-            await bus.dead_letter(DURABLE, subject, seq, data, f"cannot be projected: {exc!r}"[:1000])
-            async with engine.begin() as conn:
-                await apply_batch(conn, [], last_seq=seq)
-    async with engine.begin() as conn:
-        await apply_batch(conn, [], last_seq=raws[-1][0])
-
-
-async def database_answers(engine: AsyncEngine) -> bool:
-    try:
-        async with asyncio.timeout(5), engine.connect() as conn:
-            await conn.execute(text("select 1"))
-    except Exception:
-        return False
-    return True
+    await Projector(bus, engine, stop).run()
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
