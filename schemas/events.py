@@ -15,7 +15,7 @@ de-duplication window.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -44,6 +44,17 @@ class FluxEvent(_Frozen):
     user_id: str
     occurred_at: datetime = Field(default_factory=utcnow)
     causation_id: UUID | None = None
+
+    @classmethod
+    def caused_by(cls, cause: FluxEvent, data: Any) -> Self:
+        """This event, for the task and user of ``cause``, recording ``cause`` as its cause."""
+        fields: dict[str, Any] = {
+            "task_id": cause.task_id,
+            "user_id": cause.user_id,
+            "causation_id": cause.event_id,
+            "data": data,  # each event type declares its own
+        }
+        return cls(**fields)
 
     def subject(self, prefix: str) -> str:
         return f"{prefix}.task.{self.task_id}.{self.token}"

@@ -9,9 +9,10 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import httpx
 import typer
@@ -21,6 +22,8 @@ from services.common.settings import Settings
 if TYPE_CHECKING:
     from services.common.bus import Bus
     from services.common.supervisor import Supervisor
+
+T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -78,6 +81,17 @@ def stack_settings(data_dir: Path) -> Settings:
 def _fail(message: str) -> NoReturn:
     typer.echo(f"fluxpipe: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _run_tool(work: Coroutine[Any, Any, T]) -> T:
+    """Run an operator command's work: what goes wrong is one line and exit code 2."""
+    try:
+        return asyncio.run(work)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        detail = str(exc) or exc.__class__.__name__
+        _fail(f"{detail} ({exc.__class__.__name__})" if str(exc) else detail)
 
 
 async def _connect(settings: Settings) -> Bus:
@@ -212,7 +226,7 @@ def events(
             await bus.close()
 
     with contextlib.suppress(KeyboardInterrupt):
-        if asyncio.run(story()) == 0 and not follow:
+        if _run_tool(story()) == 0 and not follow:
             typer.echo(f"no events for task {task_id}", err=True)
             raise typer.Exit(1)
 
@@ -225,7 +239,7 @@ def status(
     """How the pipeline is doing: the stream, each worker's queue, the projector, dead letters."""
     from services.common.status import pipeline_status, render_status
 
-    report = asyncio.run(pipeline_status(stack_settings(data_dir), _connect))
+    report = _run_tool(pipeline_status(stack_settings(data_dir), _connect))
     typer.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
 

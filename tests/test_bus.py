@@ -143,3 +143,54 @@ async def test_a_task_ends_once_whichever_terminal_event_comes_first(bus):
     ack = await bus.publish(completed)
     assert ack.duplicate
     assert [e.type for _, e in await bus.task_story("t9")] == ["task.failed"]
+
+
+async def test_a_message_that_never_lets_its_handler_finish_is_dead_lettered_before_the_next_try(bus):
+    """As if it crashed its worker every time: each delivery ends with the process, not a failure."""
+    calls: list[int] = []
+
+    async def hangs(event, msg) -> None:
+        calls.append(msg.metadata.num_delivered)
+        await asyncio.Event().wait()
+
+    await bus.publish(requested("t7"))
+    for _ in range(4):
+        stop = asyncio.Event()
+        consumer = Consumer(durable="crashy", token="requested", max_deliver=1, grace=0)
+        runner = asyncio.create_task(consumer.serve(bus, hangs, stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await runner
+    assert calls == [1, 2, 3]  # the 4th delivery (more than 3 x max_deliver) never reached it
+    parked = await bus.js.get_last_msg(bus.stream, bus.dlq_subject("crashy"))
+    assert parked.headers and "delivered 4 times without finishing" in parked.headers["Fluxpipe-Reason"]
+
+
+async def test_ending_a_dead_lettered_task_is_retried_until_it_works(bus):
+    attempts: list[str] = []
+
+    async def end_task(bus_, event, reason) -> None:
+        attempts.append(reason)
+        if len(attempts) == 1:
+            raise ConnectionError("a blip")
+
+    async def fails(event, msg) -> None:
+        raise PermanentError("cannot be handled")
+
+    await bus.publish(requested("t8"))
+    stop = asyncio.Event()
+    consumer = Consumer(durable="hooked", token="requested", backoff=(0.1,), on_dead_letter=end_task)
+    runner = asyncio.create_task(consumer.serve(bus, fails, stop))
+
+    async def settled() -> bool:
+        try:
+            info = await bus.js.consumer_info(bus.stream, "hooked")
+        except NotFoundError:
+            return False
+        return len(attempts) == 2 and info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_for(settled)
+    stop.set()
+    await runner
+    dlq = [m async for m in bus.iter_raw(bus.dlq_subject("hooked"))]
+    assert len(dlq) == 1  # parked once, though handled twice

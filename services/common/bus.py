@@ -242,6 +242,7 @@ class Bus:
 Handler = Callable[[FluxEvent, Msg], Awaitable[None]]
 
 IDLE_POLL, BUSY_POLL = 1.0, 0.1
+CRASH_FACTOR = 3
 
 
 @dataclass
@@ -350,6 +351,11 @@ class Consumer:
         except UnknownEvent as exc:
             await self._dead_letter(bus, msg, f"undecodable event: {exc}")
             return
+        if delivered > CRASH_FACTOR * self.max_deliver:
+            # Far more deliveries than failures allow: the handler never got to fail, so the
+            # message is probably killing its worker (restarts also count, hence the margin).
+            await self._dead_letter(bus, msg, f"delivered {delivered} times without finishing", event)
+            return
         try:
             await handler(event, msg)
         except asyncio.CancelledError:
@@ -386,7 +392,12 @@ class Consumer:
             try:
                 await self.on_dead_letter(bus, event, reason)
             except Exception:
+                # Redo it all later (the dead letter is de-duplicated by its msg id): ending the
+                # task must not be lost to a blip.
                 log.exception("%s could not end task %s after dead-lettering it", self.durable, event.task_id)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=self.backoff[-1])
+                return
         await msg.term()
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from schemas.events import TERMINAL_TOKENS, FailureStage, FluxEvent, TaskFailed, TaskFailedData, TaskSubmitted
+from schemas.events import (
+    TERMINAL_TOKENS,
+    FailureStage,
+    FluxEvent,
+    StorageFailed,
+    StorageFailedData,
+    TaskFailed,
+    TaskFailedData,
+    TaskSubmitted,
+)
 from services.common.bus import Bus
 from services.common.fal import FalClient, FalError
 
@@ -28,14 +37,27 @@ async def fail_dead_lettered(
             await fal.cancel(submitted.data.cancel_url)
     log.error("failing task %s after dead-lettering it: %s", event.task_id, reason)
     await bus.publish(
-        TaskFailed(
-            task_id=event.task_id,
-            user_id=event.user_id,
-            causation_id=event.event_id,
-            data=TaskFailedData(
+        TaskFailed.caused_by(
+            event,
+            TaskFailedData(
                 stage=stage,
                 error="the pipeline could not process this task; operators: see its dead letter",
                 request_id=submitted.data.request_id if isinstance(submitted, TaskSubmitted) else None,
+            ),
+        )
+    )
+
+
+async def storage_failed_dead_lettered(bus: Bus, event: FluxEvent, reason: str) -> None:
+    """The uploader gave up on a completed task: record that its copy could not be made (the
+    task stays SUCCESS with fal's URL), so its story still ends."""
+    if await bus.last_event(event.task_id, "stored") is not None:
+        return
+    await bus.publish(
+        StorageFailed.caused_by(
+            event,
+            StorageFailedData(
+                error="the copy to our storage could not be made; operators: see its dead letter"
             ),
         )
     )

@@ -1,6 +1,6 @@
 """The child processes of ``fluxpipe up``: start them, restart one that dies, stop them all.
 
-A service that exits on its own is restarted after a short backoff (1 s, doubling to 30 s)
+A service that exits on its own is restarted after a short backoff (1 s, then 2, 4, 8 s)
 and the stack keeps serving; its unfinished messages come back to the new process through
 redelivery, so nothing is lost. A service that dies ``max_restarts`` times within
 ``window`` seconds is crash-looping: ``check`` raises and ``fluxpipe up`` stops everything,
@@ -94,7 +94,8 @@ class Supervisor:
                 self.say(f"fluxpipe: {child.name} restarted")
 
     def stop(self, timeout: float = 45.0) -> None:
-        """Last started first (the gateway before the workers): SIGTERM, then SIGKILL."""
+        """SIGTERM to every child at once (each finishes its own work in its grace), then
+        SIGKILL to any still running after ``timeout``."""
         live = [c.proc for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
         for proc in live:
             proc.send_signal(signal.SIGTERM)

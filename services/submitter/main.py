@@ -87,11 +87,9 @@ async def on_requested(
         with contextlib.suppress(FalError):
             await fal.cancel(submitted.data.cancel_url)
         await bus.publish(
-            TaskFailed(
-                task_id=event.task_id,
-                user_id=event.user_id,
-                causation_id=submitted.event_id,
-                data=TaskFailedData(
+            TaskFailed.caused_by(
+                submitted,
+                TaskFailedData(
                     stage="timeout",
                     error=f"no outcome {limit:g}s after submission to the provider; cancelled",
                     request_id=submitted.data.request_id,
@@ -135,11 +133,9 @@ async def submit(
 
 def submitted_event(requested: TaskRequested, handle: QueueHandle) -> TaskSubmitted:
     """What fal's answer to the submit of ``requested`` means for the log."""
-    return TaskSubmitted(
-        task_id=requested.task_id,
-        user_id=requested.user_id,
-        causation_id=requested.event_id,
-        data=TaskSubmittedData(
+    return TaskSubmitted.caused_by(
+        requested,
+        TaskSubmittedData(
             request_id=handle.request_id,
             status_url=handle.status_url,
             response_url=handle.response_url,

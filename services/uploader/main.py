@@ -26,6 +26,7 @@ from schemas.events import (
     TaskCompleted,
 )
 from services.common.bus import Bus, Consumer, hold
+from services.common.ending import storage_failed_dead_lettered
 from services.common.images import NotAnImage, inspect_image
 from services.common.settings import Settings
 from services.common.storage import Storage, make_storage
@@ -37,7 +38,14 @@ ACK_WAIT = 60.0
 
 
 def consumer(settings: Settings) -> Consumer:
-    return Consumer(durable="uploader", token="completed", ack_wait=ACK_WAIT, max_deliver=6, concurrency=16)
+    return Consumer(
+        durable="uploader",
+        token="completed",
+        ack_wait=ACK_WAIT,
+        max_deliver=6,
+        concurrency=16,
+        on_dead_letter=storage_failed_dead_lettered,
+    )
 
 
 class DownloadTooLarge(Exception):

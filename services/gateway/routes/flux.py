@@ -93,8 +93,13 @@ async def already_requested(bus: Bus, task_id: str, data: TaskRequestedData) -> 
 
 
 async def current_status(engine: AsyncEngine, task_id: str) -> TaskStatus:
-    async with engine.connect() as conn:
-        found = (await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))).scalar()
+    """The task's status in the read model; PENDING if it is not there yet or cannot be read
+    (the job is in the log either way, which is what the caller needs to know)."""
+    try:
+        async with engine.connect() as conn:
+            found = (await conn.execute(select(tasks.c.status).where(tasks.c.id == task_id))).scalar()
+    except Exception:
+        found = None
     return cast(TaskStatus, found or "PENDING")
 
 
