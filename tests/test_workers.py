@@ -82,6 +82,15 @@ async def has_event(bus: Bus, task_id: str, token: str) -> None:
     await wait_for(present)
 
 
+async def submitter_holds(bus: Bus, in_hand: int, waiting: int) -> None:
+    """Wait until the server shows the submitter holding ``in_hand`` tasks with ``waiting`` queued."""
+
+    async def shows() -> bool:
+        return await pending(bus, "submitter") == (in_hand, waiting)
+
+    await wait_for(shows)
+
+
 async def pending(bus: Bus, durable: str) -> tuple[int, int] | None:
     """(held unacked, waiting) for a consumer, or None before it exists."""
     try:
@@ -139,10 +148,7 @@ async def test_a_submitter_that_dies_holding_a_task_hands_it_over_without_submit
     await wait_for(held_again)
     await bus.publish(ended("t1"))
 
-    async def released() -> bool:
-        return await pending(bus, "submitter") == (0, 0)
-
-    await wait_for(released)
+    await submitter_holds(bus, 0, 0)
     second_stop.set()
     await second_run
     await fal.aclose()
@@ -162,10 +168,7 @@ async def test_a_repeated_request_for_a_task_is_never_submitted_again(bus, setti
     await has_event(bus, "t5", "submitted")
     await bus.publish(ended("t5"))
 
-    async def released() -> bool:
-        return await pending(bus, "submitter") == (0, 0)
-
-    await wait_for(released)
+    await submitter_holds(bus, 0, 0)
     stop.set()
     await runner
     await fal.aclose()
@@ -206,10 +209,7 @@ async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, setting
     stop = asyncio.Event()
     runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop))
 
-    async def server_holds(in_flight: int, waiting: int) -> bool:
-        return await pending(bus, "submitter") == (in_flight, waiting)
-
-    await wait_for(lambda: server_holds(2, 1))
+    await submitter_holds(bus, 2, 1)
     assert fal.submits == 2
     assert await bus.last_event("c", "submitted") is None
 
@@ -217,7 +217,7 @@ async def test_no_more_than_max_concurrent_tasks_are_at_fal_at_once(bus, setting
 
     await has_event(bus, "c", "submitted")
     assert fal.submits == 3
-    await wait_for(lambda: server_holds(2, 0))
+    await submitter_holds(bus, 2, 0)
     stop.set()
     await runner
     await fal.aclose()
