@@ -213,7 +213,7 @@ async def test_an_event_that_cannot_be_projected_is_dead_lettered_and_the_rest_g
     assert parked.keys() == {bus.task_subject("bad", "requested"), bus.task_subject("odd", "requested")}
     assert "cannot be projected" in parked[bus.task_subject("bad", "requested")]
     assert "undecodable event" in parked[bus.task_subject("odd", "requested")]
-    last_task_seq = max(seq for seq, _, _ in [r async for r in bus.iter_raw(bus.task_subject())])
+    last_task_seq = max(seq for seq, _, _ in [r async for r in bus.iter_raw(bus.events_subject())])
     async with engine.connect() as conn:
         assert await load_checkpoint(conn) == last_task_seq
 

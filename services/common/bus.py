@@ -88,6 +88,15 @@ class Bus:
     def dlq_subject(self, durable: str) -> str:
         return f"{self.prefix}.dlq.{durable}"
 
+    def events_subject(self) -> str:
+        """Every subject of the stream: task events, and whatever other event families
+        (credits, configuration, other generators' history) live beside them. Dead letters
+        share it; ``is_dead_letter`` tells them apart."""
+        return f"{self.prefix}.>"
+
+    def is_dead_letter(self, subject: str) -> bool:
+        return subject.startswith(f"{self.prefix}.dlq.")
+
     async def ensure_stream(self, replicas: int = 1) -> api.StreamInfo:
         """Create the stream, or bring an existing one to this configuration."""
         config = api.StreamConfig(

@@ -66,7 +66,7 @@ async def _projector(bus: Bus, settings: Settings, last_seq: int) -> dict[str, A
     finally:
         await engine.dispose()
     try:
-        await bus.js.get_msg(bus.stream, seq=applied + 1, subject=bus.task_subject(), next=True)
+        await bus.js.get_msg(bus.stream, seq=applied + 1, subject=bus.events_subject(), next=True)
     except NotFoundError:
         return {"applied_through_seq": applied, "behind_at_most": 0}
     return {"applied_through_seq": applied, "behind_at_most": last_seq - applied}

@@ -26,7 +26,6 @@ from nats.aio.msg import Msg
 from schemas.events import (
     TERMINAL_TOKENS,
     FailureStage,
-    FluxEvent,
     ProviderImage,
     TaskCompleted,
     TaskCompletedData,
@@ -41,6 +40,7 @@ from services.common.bus import Bus, Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueStatus
 from services.common.settings import Settings
+from services.common.worker import TypedHandler, Worker
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +169,13 @@ async def on_submitted(
         log.info("task %s completed with %d image(s)", event.task_id, len(images))
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(settings, "poller")
+async def _setup(
+    settings: Settings, bus: Bus, stack: contextlib.AsyncExitStack
+) -> tuple[Consumer, TypedHandler[TaskSubmitted]]:
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
-    spec = consumer(settings, fal)
+    stack.push_async_callback(fal.aclose)
+    return consumer(settings, fal), partial(on_submitted, bus=bus, fal=fal, settings=settings)
 
-    async def handle(event: FluxEvent, msg: Msg) -> None:
-        assert isinstance(event, TaskSubmitted)
-        await on_submitted(event, msg, bus=bus, fal=fal, settings=settings)
 
-    try:
-        await spec.serve(bus, handle, stop)
-    finally:
-        await fal.aclose()
-        await bus.close()
+worker = Worker("poller", TaskSubmitted, _setup)
+main = worker.main

@@ -1,6 +1,7 @@
 """The projector: follows the whole task log in order and folds it into PostgreSQL.
 
-It reads with an ordered consumer (no server-side state to manage, gaps detected and healed
+It reads every event subject of the stream (``<prefix>.>``; dead letters are skipped) with an
+ordered consumer (no server-side state to manage, gaps detected and healed
 by the client) starting right after the checkpoint stored in PostgreSQL, and applies what
 arrived in batches of up to ``BATCH`` events per transaction.
 
@@ -68,14 +69,14 @@ class Projector:
     async def run(self) -> None:
         start = await self.retrying(self.checkpoint) + 1
         sub = await self.bus.js.subscribe(
-            self.bus.task_subject(),
+            self.bus.events_subject(),
             stream=self.bus.stream,
             ordered_consumer=True,
             config=api.ConsumerConfig(
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
             ),
         )
-        log.info("projector following %s from stream seq %d", self.bus.task_subject(), start)
+        log.info("projector following %s from stream seq %d", self.bus.events_subject(), start)
         try:
             while not self.stop.is_set():
                 try:
@@ -125,6 +126,8 @@ class Projector:
         batch: list[tuple[int, FluxEvent]] = []
         where = {seq: (subject, data) for seq, subject, data in raws}
         for seq, subject, data in raws:
+            if self.bus.is_dead_letter(subject):
+                continue  # parked copies of events, not events: the checkpoint just moves past
             try:
                 batch.append((seq, decode_event(data)))
             except UnknownEvent as exc:

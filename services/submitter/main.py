@@ -14,7 +14,6 @@ idempotency key, so such a redelivery submits again and the first fal request is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from datetime import timedelta
@@ -25,7 +24,6 @@ from nats.aio.msg import Msg
 from schemas.catalog import MODELS, build_fal_input
 from schemas.events import (
     TERMINAL_TOKENS,
-    FluxEvent,
     TaskFailed,
     TaskFailedData,
     TaskRequested,
@@ -36,6 +34,7 @@ from services.common.bus import Bus, Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings
+from services.common.worker import TypedHandler, Worker
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +144,14 @@ def submitted_event(requested: TaskRequested, handle: QueueHandle) -> TaskSubmit
     )
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(settings, "submitter")
+async def _setup(
+    settings: Settings, bus: Bus, stack: contextlib.AsyncExitStack
+) -> tuple[Consumer, TypedHandler[TaskRequested]]:
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
+    stack.push_async_callback(fal.aclose)
     spec = consumer(settings, fal)
+    return spec, partial(on_requested, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver)
 
-    async def handle(event: FluxEvent, msg: Msg) -> None:
-        assert isinstance(event, TaskRequested)
-        await on_requested(event, msg, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver)
 
-    try:
-        await spec.serve(bus, handle, stop)
-    finally:
-        await fal.aclose()
-        await bus.close()
+worker = Worker("submitter", TaskRequested, _setup)
+main = worker.main

@@ -9,15 +9,15 @@ redelivery; bytes that are not an image, or a last attempt that fails, end in
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import logging
+from functools import partial
 
 import httpx
 from nats.aio.msg import Msg
 
 from schemas.events import (
-    FluxEvent,
     ImagesStored,
     ImagesStoredData,
     StorageFailed,
@@ -30,6 +30,7 @@ from services.common.ending import storage_failed_dead_lettered
 from services.common.images import NotAnImage, inspect_image
 from services.common.settings import Settings
 from services.common.storage import Storage, make_storage
+from services.common.worker import TypedHandler, Worker
 
 log = logging.getLogger(__name__)
 
@@ -132,25 +133,23 @@ async def on_completed(
     log.info("task %s: stored %d image(s)", event.task_id, len(stored))
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(settings, "uploader")
-    storage = make_storage(settings)
+async def _setup(
+    settings: Settings, bus: Bus, stack: contextlib.AsyncExitStack
+) -> tuple[Consumer, TypedHandler[TaskCompleted]]:
+    http = await stack.enter_async_context(
+        httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10), follow_redirects=True)
+    )
     spec = consumer(settings)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10), follow_redirects=True) as http:
+    handler = partial(
+        on_completed,
+        bus=bus,
+        storage=make_storage(settings),
+        http=http,
+        settings=settings,
+        max_deliver=spec.max_deliver,
+    )
+    return spec, handler
 
-        async def handle(event: FluxEvent, msg: Msg) -> None:
-            assert isinstance(event, TaskCompleted)
-            await on_completed(
-                event,
-                msg,
-                bus=bus,
-                storage=storage,
-                http=http,
-                settings=settings,
-                max_deliver=spec.max_deliver,
-            )
 
-        try:
-            await spec.serve(bus, handle, stop)
-        finally:
-            await bus.close()
+worker = Worker("uploader", TaskCompleted, _setup)
+main = worker.main
