@@ -44,6 +44,11 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
 
+    openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
+    openai_model_aliases: dict[str, str] = Field(
+        default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
+    )
+
     @property
     def async_database_url(self) -> str:
         """The database URL with the asyncpg driver, whatever scheme the operator gave."""
