@@ -115,7 +115,11 @@ class GenerationRequest(BaseModel):
     model: str | None = None
     n: int = Field(1, ge=1, le=4)
     size: str | None = None
-    response_format: Literal["b64_json", "url"] = "url"
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json",
+        description="b64_json when absent, as gpt-image models answer: a client such as Open WebUI "
+        "need not reach our storage (it refuses private addresses) to get the image",
+    )
 
 
 # Our parameter names, and the other names an OpenAI-style client may send them under.
