@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -46,10 +47,19 @@ def service_env(settings: Settings, database_url: str, fal_url: str, storage: Pa
     return env
 
 
+@dataclass
+class Running:
+    urls: list[str]  # the gateways'
+    supervisor: Supervisor
+    said: list[str]  # what the supervisor reported (restarts)
+
+
 @contextmanager
-def services(env: dict, *, replicas: int = 1, gateways: int = 1) -> Iterator[list[str]]:
-    """``replicas`` of every worker and ``gateways`` gateways; yields the gateways' URLs."""
-    children = Supervisor(env, say=lambda line: None)
+def services(env: dict, *, replicas: int = 1, gateways: int = 1) -> Iterator[Running]:
+    """``replicas`` of every worker and ``gateways`` gateways, supervised as ``fluxpipe up``
+    does (call ``supervisor.check()`` to restart what died)."""
+    said: list[str] = []
+    children = Supervisor(env, say=said.append)
     ports = [free_port() for _ in range(gateways)]
     try:
         for worker in WORKERS:
@@ -58,7 +68,7 @@ def services(env: dict, *, replicas: int = 1, gateways: int = 1) -> Iterator[lis
         procs = [children.spawn("gateway", "--port", str(port)) for port in ports]
         for port, proc in zip(ports, procs, strict=True):
             wait_for_port("127.0.0.1", port, 60, proc)
-        yield [f"http://127.0.0.1:{port}" for port in ports]
+        yield Running([f"http://127.0.0.1:{port}" for port in ports], children, said)
     finally:
         children.stop()
 
@@ -75,11 +85,16 @@ async def submit(
         key = uuid.uuid4().hex
         deadline = time.monotonic() + within
         while True:
-            r = await http.post(
-                f"{gateways[i % len(gateways)]}/api/flux/text-to-image",
-                json={"prompt": prompt},
-                headers={"Idempotency-Key": key},
-            )
+            try:
+                r = await http.post(
+                    f"{gateways[i % len(gateways)]}/api/flux/text-to-image",
+                    json={"prompt": prompt},
+                    headers={"Idempotency-Key": key},
+                )
+            except httpx.TransportError:  # the gateway is restarting
+                assert time.monotonic() < deadline, "the gateway never came back"
+                await asyncio.sleep(0.5)
+                continue
             if r.status_code != 503 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
@@ -94,7 +109,10 @@ async def wait_all_stored(http: httpx.AsyncClient, gateway: str, task_ids: list[
     pending = set(task_ids)
     while pending and time.monotonic() < deadline:
         for task_id in list(pending):
-            r = await http.get(f"{gateway}/api/flux/task/{task_id}")
+            try:
+                r = await http.get(f"{gateway}/api/flux/task/{task_id}")
+            except httpx.TransportError:
+                continue
             if r.status_code != 200:
                 continue
             task = r.json()

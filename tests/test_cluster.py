@@ -49,9 +49,10 @@ async def test_killing_the_stream_leader_mid_run_loses_and_doubles_nothing(
     try:
         with (
             running_simulator(queue_seconds=0.2, run_seconds=0.5) as sim,
-            services(service_env(settings, database_url, sim.public_url, tmp_path)) as gateways,
+            services(service_env(settings, database_url, sim.public_url, tmp_path)) as running,
         ):
             async with httpx.AsyncClient(headers=auth, timeout=30) as http:
+                gateways = running.urls
                 first = await submit(http, gateways, [f"before {i}" for i in range(10)])
                 leader = (await bus.js.stream_info(settings.stream_name)).cluster.leader
                 victim = next(node for node in cluster.nodes if node.name == leader)

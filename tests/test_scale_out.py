@@ -22,8 +22,9 @@ async def test_two_replicas_of_everything_do_every_task_once(settings, database_
         running_simulator(queue_seconds=0.2, run_seconds=0.3) as sim,
         services(
             service_env(settings, database_url, sim.public_url, tmp_path), replicas=2, gateways=2
-        ) as gws,
+        ) as running,
     ):
+        gws = running.urls
         auth = {"Authorization": f"Bearer {issue_token(settings, 'scaler')}"}
         async with httpx.AsyncClient(headers=auth, timeout=10) as http:
             task_ids = await submit(http, gws, [f"replica {i}" for i in range(TASKS)])
