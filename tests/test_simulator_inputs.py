@@ -179,3 +179,40 @@ async def test_each_image_model_runs_through_fals_own_client(
     with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
         await subscribe("fal-ai/flux-1/dev/redux", {"image_url": f"{images_host}/gone.png"})
     assert raised.value.status_code == 422
+
+
+async def test_every_model_gives_num_images_of_its_size(fast: SimulatorSettings, images_host: str) -> None:
+    green = f"{images_host}/green.png"  # 120×120
+    cases: dict[str, tuple[dict, tuple[int, int]]] = {
+        "fal-ai/flux-1/dev": ({"prompt": "x", "image_size": "square"}, (512, 512)),
+        "fal-ai/flux-1/dev/image-to-image": ({"prompt": "x", "image_url": green}, (112, 112)),
+        "fal-ai/flux-1/dev/redux": ({"image_url": green, "image_size": "portrait_4_3"}, (768, 1024)),
+        "fal-ai/flux-1/schnell": ({"prompt": "x", "image_size": {"width": 640, "height": 320}}, (640, 320)),
+        "fal-ai/flux-1/schnell/redux": ({"image_url": data_uri(BLUE)}, (1024, 768)),
+        "fal-ai/flux-pro/kontext": ({"prompt": "x", "image_url": green}, (1024, 1024)),
+        "fal-ai/flux-pro/kontext/max": (
+            {"prompt": "x", "image_url": green, "aspect_ratio": "9:16"},
+            (752, 1392),
+        ),
+        "fal-ai/flux-pro/kontext/multi": (
+            {"prompt": "x", "image_urls": [green, data_uri(BLUE)], "aspect_ratio": "1:1"},
+            (1024, 1024),
+        ),
+        "fal-ai/flux-pro/kontext/max/multi": ({"prompt": "x", "image_urls": [green, green]}, (1024, 1024)),
+        "fal-ai/flux-pro/kontext/text-to-image": ({"prompt": "x"}, (1024, 1024)),
+        "fal-ai/flux-pro/kontext/max/text-to-image": ({"prompt": "x", "aspect_ratio": "21:9"}, (1568, 672)),
+    }
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as http:
+        results = await asyncio.gather(
+            *(
+                run(http, fast, model, args | {"num_images": i % 4 + 1})
+                for i, (model, (args, _)) in enumerate(cases.items())
+            )
+        )
+        for i, ((model, (_, size)), result) in enumerate(zip(cases.items(), results, strict=True)):
+            assert result.status_code == 200, (model, result.text)
+            entries = result.json()["images"]
+            assert len(entries) == i % 4 + 1, model
+            for entry in entries:
+                image = Image.open(io.BytesIO((await http.get(entry["url"])).content))
+                assert (entry["width"], entry["height"]) == image.size == size, model

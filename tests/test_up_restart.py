@@ -1,6 +1,7 @@
 """``fluxpipe up`` in a terminal: Ctrl-C reaches ``up`` alone, which stops the services, then NATS
 and PostgreSQL, one line each and no traceback; started again on the same data folder, the
-simulator is back at the same address with its queue, so a task caught in flight finishes."""
+simulator is back at the same address with its queue, so a task caught in flight finishes; its
+fault switches can be flipped on the running stack."""
 
 from __future__ import annotations
 
@@ -76,6 +77,17 @@ class TerminalUp:
         return self.proc.wait(90)
 
 
+def flip_simulator_faults(data_dir: Path, faults: dict) -> None:
+    """Set the fault switches of the simulator ``fluxpipe up`` runs on ``data_dir``: its port and
+    key are in the data folder."""
+    port = (data_dir / "simulator" / "port").read_text().strip()
+    key = "sim-" + (data_dir / "simulator" / "fal-key").read_text().strip()
+    response = httpx.put(
+        f"http://127.0.0.1:{port}/_simulator/faults", json=faults, headers={"Authorization": f"Key {key}"}
+    )
+    assert response.status_code == 200, response.text
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     """A data folder outside pytest's own temporary root, which pytest keeps closed to other
@@ -110,7 +122,13 @@ def test_ctrl_c_stops_in_order_and_a_task_in_flight_finishes_after_a_restart(dat
         assert (tmp_path / "simulator" / "port").read_text() == sim_port
         with httpx.Client(base_url=again.url, headers=again.auth, timeout=10) as client:
             task, _ = follow(client, task_id, {"SUCCESS", "FAILED"})
-        assert task["status"] == "SUCCESS", task
-        assert task["cloud_image_url"]
+            assert task["status"] == "SUCCESS", task
+            assert task["cloud_image_url"]
+
+            flip_simulator_faults(data_dir, {"runner_error_rate": 1.0})
+            r = client.post("/api/flux/text-to-image", json={"prompt": "the runner drops"})
+            failed, _ = follow(client, r.json()["task_id"], {"SUCCESS", "FAILED"})
+            flip_simulator_faults(data_dir, {})
+        assert failed["status"] == "FAILED" and "Runner disconnected" in failed["error_message"], failed
     finally:
         assert again.ctrl_c() == 0

@@ -24,6 +24,7 @@ import math
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -104,9 +105,11 @@ class Simulator:
         self.signer = webhooks.Signer(self.store.meta("webhook-signing-key", webhooks.new_private_key()))
         self.random = random.Random()
         self.requests: dict[str, Request] = {}
+        self._queues: dict[str, deque[Request]] = {}
         for raw in self.store.records():
             req = Request.model_validate_json(raw)
             self.requests[req.request_id] = req
+            self._queues.setdefault(req.app_path, deque()).append(req)
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -180,6 +183,9 @@ class Simulator:
             termination=termination,
         )
         self.requests[req.request_id] = req
+        queue = self._queues.setdefault(app_path, deque())
+        self._prune(queue, now)
+        queue.append(req)
         self._save(req)
         if webhook_url is not None:
             self._spawn(self._deliver_webhook(req))
@@ -190,15 +196,22 @@ class Simulator:
         req = self.requests.get(request_id)
         return req if req is not None and req.app_path == app_path else None
 
+    @staticmethod
+    def _prune(queue: deque[Request], now: float) -> None:
+        while queue and queue[0].phase(now) != "IN_QUEUE":
+            queue.popleft()
+
     def queue_position(self, req: Request, now: float) -> int:
         """0-indexed position among the app's requests still IN_QUEUE, in submission order."""
-        return sum(
-            1
-            for other in self.requests.values()
-            if other.app_path == req.app_path
-            and other.submitted_at < req.submitted_at
-            and other.phase(now) == "IN_QUEUE"
-        )
+        queue = self._queues.get(req.app_path, deque())
+        self._prune(queue, now)
+        position = 0
+        for other in queue:
+            if other is req:
+                break
+            if other.phase(now) == "IN_QUEUE":
+                position += 1
+        return position
 
     def cancel(self, req: Request) -> bool:
         """End a request that is not COMPLETED yet; False if it already was."""

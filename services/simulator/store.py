@@ -3,7 +3,9 @@
 Invariants:
 - A request is written when it is submitted and again whenever its record changes (cancelled,
   outcome decided, webhook delivered), each write its own committed transaction, so a simulator
-  stopped at any moment restarts with every request it acknowledged and every outcome it reported.
+  stopped or killed at any moment restarts with every request it acknowledged and every outcome
+  it reported. (WAL with synchronous=NORMAL: a process crash loses nothing committed; a power
+  loss may lose the last transactions, which a simulator can afford.)
 - Generated files are written before the outcome that names them.
 - A request and its files are deleted together once fal's retention has passed.
 - The webhook signing key is created once per data folder, so deliveries after a restart verify
@@ -17,6 +19,7 @@ from pathlib import Path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, expires_at REAL NOT NULL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS requests_expires_at ON requests (expires_at);
 CREATE TABLE IF NOT EXISTS files (
     request_id TEXT NOT NULL, name TEXT NOT NULL, content_type TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (request_id, name)
@@ -37,7 +40,7 @@ class Store:
         self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
         if data_dir is not None:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
