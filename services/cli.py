@@ -109,10 +109,12 @@ def _run_tool(work: Coroutine[Any, Any, T]) -> T:
 
 
 async def _connect(settings: Settings) -> Bus:
-    from services.common.bus import Bus
+    from services.common.bus import Bus, NatsCredentialsRejected
 
     try:
         return await Bus.connect(settings, "cli", ensure=False, reconnect=False)
+    except NatsCredentialsRejected as exc:
+        _fail(str(exc))
     except Exception as exc:
         _fail(f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); is the stack running?")
 

@@ -4,6 +4,8 @@ keys; admins; and that a user only ever sees their own tasks."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -291,3 +293,19 @@ def test_token_lifetimes():
     for wrong in ("0", "-1h", "forever", "400d"):
         with pytest.raises(ValueError):
             parse_ttl(wrong)
+
+
+def test_fluxpipe_token_prints_an_expiring_token(tmp_path, settings):
+    (tmp_path / "jwt-secret").write_text(settings.jwt_secret.get_secret_value())
+    env = {"PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "services.cli", "token", "--user", "eve", "--data-dir", str(tmp_path)]
+    for args, lifetime in (([], 12 * 3600), (["--ttl", "30m"], 1800)):
+        out = subprocess.run(
+            [*command, *args], capture_output=True, text=True, env=env, timeout=60, check=True
+        )
+        claims = jwt.decode(out.stdout.strip(), options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == lifetime and claims["admin"] is False
+    refused = subprocess.run(
+        [*command, "--ttl", "forever"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert refused.returncode == 2 and "not a duration" in refused.stderr
