@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,7 +151,10 @@ def test_open_webui_forwards_its_users_through_a_service_key(stack: Stack, respo
         r = c.post("/api/flux/text-to-image", json={"prompt": "a paper boat"})
         assert r.status_code == 202
         assert c.get(f"/api/flux/task/{r.json()['task_id']}").status_code == 200
-        assert c.get("/api/flux/history").json()["total"] == 1
+        deadline = time.monotonic() + 30
+        while c.get("/api/flux/history").json()["total"] != 1:  # once the projector has it
+            assert time.monotonic() < deadline, "dora's task never reached her history"
+            time.sleep(0.1)
     forged = {**stack.auth, "X-OpenWebUI-User-Id": "dora-id"}
     with client(stack, responses, forged) as c:
         r = c.get("/api/flux/history")
