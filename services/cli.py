@@ -152,8 +152,13 @@ def run(
 
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
         return
+    from services.common.bus import NatsCredentialsRejected
+
     module = __import__(f"services.{service.value}.main", fromlist=["main"])
-    asyncio.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+    try:
+        asyncio.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+    except NatsCredentialsRejected as exc:
+        _fail(str(exc))
 
 
 @app.command()

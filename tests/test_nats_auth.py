@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -228,3 +229,26 @@ def test_compose_uses_the_generated_server_config_and_nats_accepts_it(tmp_path):
     assert "deploy/nats-server.conf" in compose
     for service in SERVICES:
         assert f"NATS_{service.upper()}_PASSWORD" in compose
+
+
+@pytest.mark.parametrize("service", ["submitter", "projector"])
+def test_a_service_with_wrong_credentials_exits_saying_so(secured, service):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NATS_URL": secured[0],
+        "NATS_USER": service,
+        "NATS_PASSWORD": "not-the-password",
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", service],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"fluxpipe: NATS at {secured[0]} refused the credentials of {service} "
+        f"(NATS_USER={service}): check NATS_USER / NATS_PASSWORD"
+    )
