@@ -243,6 +243,15 @@ async def test_forwarded_headers_from_anyone_but_an_asserting_service_are_refuse
     assert [m async for m in bus.iter_raw(bus.task_subject())] == []
 
 
+async def test_a_users_own_id_forwarded_beside_their_own_token_changes_nothing(client, auth_settings):
+    task_id = await submit(client, bearer(ours(auth_settings, sub="bob")))
+    own = {"X-OpenWebUI-User-Id": "u-1234", "X-OpenWebUI-User-Role": "admin"}
+    r = await client.get("/api/flux/history", headers={**bearer(session()), **own})
+    assert r.status_code == 200
+    r = await client.get(f"/api/flux/task/{task_id}", headers={**bearer(session()), **own})
+    assert r.status_code == 404  # the role header made nobody an admin
+
+
 async def test_a_service_key_alone_is_its_own_user(client, bus):
     task_id = await submit(client, bearer(REPORTS_KEY))
     assert await owner(bus, task_id) == "reports"

@@ -13,7 +13,8 @@ A caller authenticates with exactly one ``Authorization: Bearer <credential>``:
 
 Invariants: the algorithm is pinned to HS256 (``none``, HS512 and public-key algorithms are
 refused); forwarded-user headers are honoured only from a service key allowed to assert users
-and refused (403) from anyone else, never silently ignored; service keys are compared in
+and refused (403) from anyone else when they name another user (a user's own id alongside their
+own token adds nothing and grants nothing, e.g. no role); service keys are compared in
 constant time. Admins are Open WebUI's ``role: "admin"``, our ``admin: true`` or a user id in
 ``FLUXPIPE_ADMIN_USERS``.
 """
@@ -119,7 +120,7 @@ def authenticate(settings: Settings, credential: str | None, headers: Mapping[st
     service = _service_key(settings, credential)
     if service is None:
         principal = verify_token(settings, credential)
-        if forwarded:
+        if forwarded and forwarded.get("x-openwebui-user-id") != principal.user_id:
             raise Forbidden(
                 f"{', '.join(forwarded)}: only a service key allowed to assert users may send "
                 "forwarded-user headers"
