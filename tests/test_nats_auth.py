@@ -172,6 +172,7 @@ async def test_each_service_can_do_its_own_job(secured, operator):
     seen = [(await psub.next_msg(timeout=5)).subject for _ in range(3)]
     assert seen == ["flux.task.t3.requested", "flux.task.t3.submitted", "flux.dlq.submitter"]
     await psub.unsubscribe()
+    await projector.dead_letter("projector", "flux.task.t3.requested", 1, b"{}", "cannot be projected: test")
     for bus in (gateway, submitter, projector):
         await bus.close()
 

@@ -46,7 +46,7 @@ PUBLISHES: dict[str, tuple[str, ...]] = {
     "submitter": ("task.*.submitted", "task.*.failed", "dlq.submitter"),
     "poller": ("task.*.status", "task.*.completed", "task.*.failed", "dlq.poller"),
     "uploader": ("task.*.stored", "task.*.storage_failed", "dlq.uploader"),
-    "projector": ("dlq.>",),
+    "projector": ("dlq.projector",),
 }
 DURABLES: dict[str, str] = {"submitter": "submitter", "poller": "poller", "uploader": "uploader"}
 
