@@ -232,6 +232,10 @@ class Bus:
 
         sub = await self.nc.subscribe(self.task_subject(task_id, "*"), cb=on_event)
         try:
+            # The server must know the subscription before the stream is read, or an event
+            # published between the two is neither read nor delivered (until ``recheck``).
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.nc.flush(timeout=5)
             while not await self._has_any_or_unknown(task_id, tokens):
                 wait = recheck
                 if until is not None:
