@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, HTTPException, Query, status
-from sqlalchemy import Table, and_, select, tuple_
+from sqlalchemy import Select, Table, and_, select, tuple_
 
 from schemas.events import HistoryItemHidden, HistoryItemHiddenData, HistorySource, TaskStatus
 from schemas.history import (
@@ -55,6 +55,43 @@ def item_out(row: Any) -> HistoryItemOut:
     )
 
 
+def page_query(
+    user_id: str,
+    *,
+    status: str = "SUCCESS",
+    source: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    q: str | None = None,
+    after: tuple[datetime, int] | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> Select[Any]:
+    """One page of a user's visible items, newest first: after the key ``after`` (keyset) or
+    ``offset`` rows in. Each filter keeps the per-user partial indexes usable."""
+    where = [history.c.user_id == user_id, ~history.c.hidden, history.c.status == status]
+    if source is not None:
+        where.append(history.c.source == source)
+    if model is not None:
+        where.append(history.c.model == model)
+    if since is not None:
+        where.append(history.c.created_at >= since)
+    if until is not None:
+        where.append(history.c.created_at < until)
+    if q:
+        where.append(history.c.prompt.ilike(_like(q), escape="\\"))
+    if after is not None:
+        where.append(tuple_(history.c.created_at, history.c.id) < tuple_(*after))
+    return (
+        select(history)
+        .where(and_(*where))
+        .order_by(history.c.created_at.desc(), history.c.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+
+
 @router.get("/unified-history", response_model=UnifiedHistoryPage)
 async def unified_history(
     user: CurrentUser,
@@ -77,31 +114,24 @@ async def unified_history(
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"{name}: give a time zone (e.g. Z or +08:00)"
             )
-    where = [history.c.user_id == user.user_id, ~history.c.hidden, history.c.status == status_]
-    if source is not None:
-        where.append(history.c.source == source)
-    if model is not None:
-        where.append(history.c.model == model)
-    if since is not None:
-        where.append(history.c.created_at >= since)
-    if until is not None:
-        where.append(history.c.created_at < until)
-    if q:
-        where.append(history.c.prompt.ilike(_like(q), escape="\\"))
+    after = None
     if cursor is not None:
         try:
             after = decode_cursor(cursor)
         except BadCursor as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cursor: {exc}") from exc
-        where.append(tuple_(history.c.created_at, history.c.id) < tuple_(*after))
-    query = (
-        select(history)
-        .where(and_(*where))
-        .order_by(history.c.created_at.desc(), history.c.id.desc())
-        .limit(limit + 1)
+    query = page_query(
+        user.user_id,
+        status=status_,
+        source=source,
+        model=model,
+        since=since,
+        until=until,
+        q=q,
+        after=after,
+        limit=limit + 1,
+        offset=0 if after is not None else (page - 1) * limit,
     )
-    if cursor is None:
-        query = query.offset((page - 1) * limit)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     more, rows = len(rows) > limit, rows[:limit]
