@@ -188,7 +188,9 @@ async def history_count(engine, expected: int) -> bool:
     """Whether ``expected`` history items show our stored copy (a story's last step)."""
     table = ImageHistory.__table__
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(table).where(table.c.image_url != table.c.provider_image_url))).all()
+        rows = (
+            await conn.execute(select(table).where(table.c.image_url != table.c.provider_image_url))
+        ).all()
         return len(rows) == expected
 
 
