@@ -99,6 +99,7 @@ async def bench(database_url: str, repeat: int) -> None:
             None,
         ),
         ("first page, prompt text", page_query("heavy", q="number 99", limit=LIMIT), None),
+        ("first page, rare prompt text", page_query("heavy", q="number 4242420", limit=LIMIT), None),
     ]
     for depth in (1_000, 10_000, 100_000):
         after = await cursor_at(engine, depth)

@@ -161,6 +161,14 @@ def test_the_users_feed_streams_changes_of_their_tasks_only(stack: Stack) -> Non
                 break
     assert {e["task_id"] for e in received} == ids and {e["user_id"] for e in received} == {"dev"}
     assert seqs == sorted(set(seqs))  # stream order, each change once
+
+    with (
+        httpx.Client(base_url=stack.url, headers=stack.auth, timeout=30) as client,
+        client.stream("GET", "/api/flux/events", headers={"Last-Event-ID": str(seqs[0])}) as feed,
+    ):
+        events = sse(feed)
+        assert next(events)["event"] == "ready"
+        assert int(next(events)["id"]) == seqs[1]  # resumed right after the last one seen
     assert {e["type"] for e in received} >= {"task.requested", "task.completed", "task.images_stored"}
 
 
@@ -232,6 +240,11 @@ def test_ingested_items_show_up_with_their_tags_and_filters(stack: Stack, tmp_pa
         assert r.status_code == 422 and "source" in r.json()["message"]
         r = client.get("/api/flux/unified-history", params={"cursor": "not-ours"})
         assert r.status_code == 422 and r.json()["message"] == "cursor: not a cursor this server issued"
+        r = client.get("/api/flux/unified-history", params={"since": "2025-03-01T00:00:00"})
+        assert r.status_code == 422 and r.json()["message"].startswith("since: give a time zone")
+        cursor = unified(client, q=w, limit=1)["next_cursor"]
+        r = client.get("/api/flux/unified-history", params={"cursor": cursor, "page": 2})
+        assert r.status_code == 422 and "page and cursor" in r.json()["message"]
 
 
 OPEN_WEBUI_TABLES = """
