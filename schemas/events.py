@@ -237,7 +237,22 @@ class HistoryItemHiddenData(_Frozen):
     source: HistorySource
 
 
-class HistoryItemRecorded(FluxEvent):
+class HistoryEvent(FluxEvent):
+    """An event of the unified history, on ``<prefix>.history.<source>.<item>.<token>``."""
+
+    @property
+    def source(self) -> str:
+        raise NotImplementedError
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.history.{self.source}.{subject_token(self.task_id)}.{self.token}"
+
+    @property
+    def msg_id(self) -> str:
+        return f"history.{self.source}.{subject_token(self.task_id)}.{self.token}"
+
+
+class HistoryItemRecorded(HistoryEvent):
     """An item of another generator (Midjourney, Jimeng), as its backend or an import saw it.
 
     ``msg_id`` carries a digest of the data: the same item recorded twice with the same data is
@@ -247,28 +262,26 @@ class HistoryItemRecorded(FluxEvent):
     type: Literal["history.item_recorded"] = "history.item_recorded"
     data: HistoryItemRecordedData
 
-    def subject(self, prefix: str) -> str:
-        return f"{prefix}.history.{self.data.source}.{subject_token(self.task_id)}.{self.token}"
+    @property
+    def source(self) -> str:
+        return self.data.source
 
     @property
     def msg_id(self) -> str:
         digest = hashlib.sha256(self.data.model_dump_json().encode()).hexdigest()[:16]
-        return f"history.{self.data.source}.{subject_token(self.task_id)}.{self.token}.{digest}"
+        return f"{super().msg_id}.{digest}"
 
 
-class HistoryItemHidden(FluxEvent):
+class HistoryItemHidden(HistoryEvent):
     """The item's owner (``user_id``) hid it from their unified history."""
 
     token: ClassVar[str] = "hidden"
     type: Literal["history.item_hidden"] = "history.item_hidden"
     data: HistoryItemHiddenData
 
-    def subject(self, prefix: str) -> str:
-        return f"{prefix}.history.{self.data.source}.{subject_token(self.task_id)}.{self.token}"
-
     @property
-    def msg_id(self) -> str:
-        return f"history.{self.data.source}.{subject_token(self.task_id)}.{self.token}"
+    def source(self) -> str:
+        return self.data.source
 
 
 EVENT_TYPES: tuple[type[FluxEvent], ...] = (

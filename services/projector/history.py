@@ -28,7 +28,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from schemas.catalog import MODELS
-from schemas.events import FluxEvent, HistoryItemHidden, HistoryItemRecorded
+from schemas.events import FluxEvent, HistoryEvent, HistoryItemHidden, HistoryItemRecorded
 from services.common.db import ImageHistory
 
 history = cast(Table, ImageHistory.__table__)
@@ -103,9 +103,7 @@ def fold_item(current: Row | None, seq: int, event: FluxEvent) -> Row | None:
 
 
 def key_of(event: FluxEvent) -> Key:
-    if isinstance(event, HistoryItemRecorded | HistoryItemHidden):
-        return (event.data.source, event.task_id)
-    return ("flux", event.task_id)
+    return (event.source if isinstance(event, HistoryEvent) else "flux", event.task_id)
 
 
 async def apply_history(
@@ -114,9 +112,7 @@ async def apply_history(
     """Fold a batch into ``image_history``: its history events, and ``tasks``, the Flux task
     rows the batch changed (as they are after it), at the position of their events."""
     relevant = [
-        (seq, event)
-        for seq, event in pending
-        if isinstance(event, HistoryItemRecorded | HistoryItemHidden) or event.task_id in tasks
+        (seq, event) for seq, event in pending if isinstance(event, HistoryEvent) or event.task_id in tasks
     ]
     if not relevant:
         return
@@ -129,7 +125,7 @@ async def apply_history(
     for seq, event in relevant:
         key = key_of(event)
         before = rows.get(key)
-        if isinstance(event, HistoryItemRecorded | HistoryItemHidden):
+        if isinstance(event, HistoryEvent):
             after = fold_item(before, seq, event)
         else:
             after = flux_item(before, seq, tasks[event.task_id])
