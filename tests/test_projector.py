@@ -209,6 +209,7 @@ async def test_an_event_that_cannot_be_projected_is_dead_lettered_and_the_rest_g
     stop = asyncio.Event()
     runner = asyncio.create_task(project(bus, engine, stop))
     await wait_for(lambda: history_count(engine, 1))
+    await wait_for(lambda: caught_up(bus, engine))  # also past the dead letters it published
     stop.set()
     await runner
 
@@ -221,6 +222,12 @@ async def test_an_event_that_cannot_be_projected_is_dead_lettered_and_the_rest_g
     last_task_seq = max(seq for seq, _, _ in [r async for r in bus.iter_raw(bus.events_subject())])
     async with engine.connect() as conn:
         assert await load_checkpoint(conn) == last_task_seq
+
+
+async def caught_up(bus, engine) -> bool:
+    last = max(seq for seq, _, _ in [r async for r in bus.iter_raw(bus.events_subject())])
+    async with engine.connect() as conn:
+        return await load_checkpoint(conn) == last
 
 
 async def dead_letters(bus, durable="projector"):
