@@ -421,5 +421,10 @@ def _wait_ready(gateway: str, children: Supervisor, timeout: float = 90) -> None
     raise TimeoutError(f"gateway not ready at {gateway} after {timeout}s")
 
 
+from services.ingest import commands as ingest_commands  # noqa: E402
+
+app.command("ingest")(ingest_commands.ingest)
+app.command("import-openwebui")(ingest_commands.import_openwebui)
+
 if __name__ == "__main__":
     app()

@@ -34,6 +34,7 @@ from schemas.events import (
     TaskSubmitted,
 )
 from services.common.db import FluxTask, ImageHistory, ProjectorCheckpoint
+from services.projector.history import apply_history
 
 CHECKPOINT = "flux_tasks"
 
@@ -130,19 +131,6 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
     return {**row, **changes, "updated_at": event.occurred_at, "last_event_seq": seq}
 
 
-def history_entry(row: Row) -> Row:
-    return {
-        "source": "flux",
-        "source_task_id": row["id"],
-        "user_id": row["user_id"],
-        "model": row["model"],
-        "prompt": row["prompt"],
-        "image_url": row["cloud_image_url"],
-        "images": row["cloud_images"],
-        "created_at": row["created_at"],
-    }
-
-
 async def apply_batch(
     conn: AsyncConnection, batch: Sequence[tuple[int, FluxEvent]], *, last_seq: int = 0
 ) -> int:
@@ -161,15 +149,12 @@ async def apply_batch(
     result = await conn.execute(select(tasks).where(tasks.c.id.in_(ids)))
     rows: dict[str, Row] = {r.id: dict(r._mapping) for r in result}
     changed: set[str] = set()
-    stored: set[str] = set()
     for seq, event in pending:
         before = rows.get(event.task_id)
         after = fold_task(before, seq, event)
         if after is not None and after is not before:
             rows[event.task_id] = after
             changed.add(event.task_id)
-            if isinstance(event, ImagesStored):
-                stored.add(event.task_id)
     if changed:
         upsert = insert(tasks)
         await conn.execute(
@@ -179,13 +164,7 @@ async def apply_batch(
             ),
             [rows[task_id] for task_id in changed],
         )
-    if stored:
-        await conn.execute(
-            insert(history).on_conflict_do_nothing(
-                index_elements=[history.c.source, history.c.source_task_id]
-            ),
-            [history_entry(rows[task_id]) for task_id in stored],
-        )
+    await apply_history(conn, pending, {task_id: rows[task_id] for task_id in changed})
     await conn.execute(
         update(checkpoints)
         .where(checkpoints.c.name == CHECKPOINT)
