@@ -74,9 +74,8 @@ def reencode_upload(data: bytes, max_pixels: int) -> tuple[bytes, ImageInfo]:
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as img:
             if img.width * img.height > max_pixels:
-                raise TooManyPixels(
-                    f"the image has {img.width}x{img.height} pixels; at most {max_pixels} are accepted"
-                )
+                size = f"{img.width}x{img.height}"
+                raise TooManyPixels(f"the image has too many pixels: {size}; at most {max_pixels} allowed")
             img.load()
             picture = ImageOps.exif_transpose(img)
     except NotAnImage:

@@ -102,8 +102,8 @@ def why_not_public(ip: IPAddress) -> str | None:
         ("an unspecified address", ip.is_unspecified),
         ("a link-local address", ip.is_link_local),
         ("a multicast address", ip.is_multicast),
-        ("a private address", ip.is_private),
         ("a reserved address", ip.is_reserved),
+        ("a private address", ip.is_private),
     ):
         if flag:
             return reason
