@@ -3,6 +3,7 @@ fal, and nsfw flags per image in the read model."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -21,10 +22,14 @@ from schemas.events import (
     TaskRequested,
     TaskRequestedData,
 )
+from services.common.fal import FalClient
 from services.common.images import TooManyPixels, UnsupportedImage, reencode_upload
 from services.common.settings import Settings
 from services.common.urls import inline_own_uploads, upload_key
 from services.projector.projection import fold_task
+from tests.simulator_server import TEST_API_KEY
+from tests.test_bus import wait_for
+from tests.test_workers import ended, serve_submitter, submitter_holds
 
 _FLUX1 = {"num_images", "seed", "sync_mode", "enable_safety_checker", "output_format", "acceleration"}
 _KONTEXT = {"seed", "guidance_scale", "sync_mode", "num_images", "output_format", "safety_tolerance",
@@ -151,3 +156,42 @@ def test_every_image_keeps_its_nsfw_flag_in_order_also_on_the_stored_copies():
         ("http://gw/1", True),
         ("http://gw/2", False),
     ]
+
+
+async def test_the_submitter_hands_fal_our_upload_inline_so_fal_needs_no_route_to_us(bus, settings, fast):
+    """Our public URL here leads nowhere: the job can only succeed if the image went inline."""
+    settings = settings.model_copy(update={"public_base_url": "http://fluxpipe.invalid"})
+    key = upload_key("alice", "flux_input_" + "c" * 32 + ".png")
+    (settings.storage_dir / key).parent.mkdir(parents=True)
+    (settings.storage_dir / key).write_bytes(png_bytes((96, 64)))
+    data = TaskRequestedData(
+        model="fal-ai/flux-pro/kontext",
+        task_type="image_to_image",
+        prompt="add a hat",
+        image_urls=(f"http://fluxpipe.invalid/files/{key}",),
+    )
+    await bus.publish(TaskRequested(task_id="up1", user_id="alice", data=data))
+    fal = FalClient(fast.public_url, TEST_API_KEY)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(serve_submitter(bus, fal, settings, stop))
+    try:
+
+        async def submitted() -> bool:
+            return await bus.last_event("up1", "submitted") is not None
+
+        await wait_for(submitted)
+        handle = await bus.last_event("up1", "submitted")
+        assert handle is not None and "data:" not in handle.model_dump_json()  # never into an event
+
+        async def done() -> bool:
+            return (await fal.status(handle.data.status_url)).status == "COMPLETED"
+
+        await wait_for(done)
+        result = await fal.result(handle.data.response_url)
+        assert len(result["images"]) == 1
+        await bus.publish(ended("up1"))
+        await submitter_holds(bus, 0, 0)
+    finally:
+        stop.set()
+        await runner
+        await fal.aclose()
