@@ -309,8 +309,15 @@ def test_redirects_other_peoples_uploads_and_non_images_are_refused_and_nothing_
 
     # The log is projected in order: once a job sent after the refusals is in the read model,
     # anything the refusals had published would be there too.
-    r = client.post("/api/flux/image-to-image", json={**kontext, "image_url": mine})
-    assert r.status_code == 202, r.text
+    once = {"Idempotency-Key": "modes-1"}
+    r = client.post("/api/flux/image-to-image", json={**kontext, "image_url": mine}, headers=once)
+    again = client.post("/api/flux/image-to-image", json={**kontext, "image_url": mine}, headers=once)
+    assert r.status_code == again.status_code == 202, r.text
+    assert again.json()["task_id"] == r.json()["task_id"]
+    other = client.post(
+        "/api/flux/image-to-image", json={**kontext, "image_url": mine, "seed": 1}, headers=once
+    )
+    assert other.status_code == 409 and "Idempotency-Key already used" in other.json()["message"]
     follow(client, r.json()["task_id"], {"SUCCESS", "FAILED"})
     assert client.get("/api/flux/history").json()["total"] == before + 1
 

@@ -65,7 +65,9 @@ async def image_to_image(
     fields = params.model_dump()
     urls: list[str] = fields.pop("image_urls", None) or [fields.pop("image_url")]
     errors = []
-    async with httpx.AsyncClient(follow_redirects=False, timeout=httpx.Timeout(10, connect=5)) as http:
+    async with httpx.AsyncClient(
+        follow_redirects=False, trust_env=False, timeout=httpx.Timeout(10, connect=5)
+    ) as http:
         for index, url in enumerate(urls):
             try:
                 await check_input_url(url, user.user_id, settings, http)

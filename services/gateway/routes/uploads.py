@@ -7,6 +7,7 @@ more pixels than ``FLUXPIPE_MAX_UPLOAD_PIXELS`` (checked before decoding), 422. 
 re-encoding run in a thread, never on the event loop. The stored copy is the re-encoded image
 (metadata and appended bytes gone) at ``uploads/<user digest>/flux_input_<uuid>.<ext>``, with
 the original file name as metadata; a new upload is a new object, so a retry is harmless.
+At most two uploads are decoded at once per gateway process, bounding memory under a burst.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from services.gateway.deps import CurrentUser, SettingsDep
 from services.gateway.upload_stream import read_file_field
 
 router = APIRouter(prefix="/api/flux", tags=["uploads"])
+
+# Decoding a 25 Mpx image takes ~100 MB; two at a time keeps a burst of uploads bounded.
+_DECODING = asyncio.Semaphore(2)
 
 _MULTIPART = {
     "requestBody": {
@@ -55,7 +59,8 @@ async def upload_image(request: Request, user: CurrentUser, settings: SettingsDe
     if not received.data:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "file: the file is empty")
     try:
-        data, info = await asyncio.to_thread(reencode_upload, received.data, settings.max_upload_pixels)
+        async with _DECODING:
+            data, info = await asyncio.to_thread(reencode_upload, received.data, settings.max_upload_pixels)
     except UnsupportedImage as exc:
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"file: {exc}") from None
     except (TooManyPixels, NotAnImage) as exc:
