@@ -44,6 +44,10 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
 
+    openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
+    openai_model_aliases: dict[str, str] = Field(
+        default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_BYTES")
     max_upload_pixels: int = Field(25_000_000, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_PIXELS")
     trusted_image_hosts: str = Field("", validation_alias="FLUXPIPE_TRUSTED_IMAGE_HOSTS")
