@@ -176,7 +176,7 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
 async def history(
     user: CurrentUser,
     engine: EngineDep,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> HistoryPage:
     """The caller's Flux tasks, newest first."""

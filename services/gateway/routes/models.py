@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from schemas.api import ModelInfo, model_info
-from schemas.catalog import MODELS
+from schemas.catalog import MODELS, Mode
 
 router = APIRouter(prefix="/api/flux", tags=["models"])
 
 
 @router.get("/models", response_model=list[ModelInfo])
-async def list_models() -> list[ModelInfo]:
+async def list_models(
+    mode: Annotated[Mode | None, Query(description="only the models of this mode")] = None,
+) -> list[ModelInfo]:
     """The eleven models: mode, input images, and each one's parameter schema (no token needed)."""
-    return [model_info(spec) for spec in MODELS.values()]
+    return [model_info(spec) for spec in MODELS.values() if mode is None or spec.mode is mode]
