@@ -80,6 +80,10 @@ class Settings(BaseSettings):
                 limits[prefix.strip()] = int(size)
         return limits
 
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_BYTES")
+    max_upload_pixels: int = Field(25_000_000, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_PIXELS")
+    trusted_image_hosts: str = Field("", validation_alias="FLUXPIPE_TRUSTED_IMAGE_HOSTS")
+
     @property
     def async_database_url(self) -> str:
         """The database URL with the asyncpg driver, whatever scheme the operator gave."""

@@ -10,6 +10,7 @@ Invariants:
   two projector replicas race.
 - Terminal states never regress: a late status event after SUCCESS/FAILED/CANCELLED is ignored.
 - An event for a task whose ``TaskRequested`` was never applied changes nothing.
+- Images keep fal's order; each carries its ``has_nsfw_concepts`` flag, also on the stored copies.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
         case TaskStatusChanged(data=d) if live:
             changes = {"status": d.status, "queue_position": d.queue_position}
         case TaskCompleted(data=d) if live:
-            images = [img.model_dump() for img in d.images]
+            images = with_nsfw_flags([img.model_dump() for img in d.images], d.has_nsfw_concepts)
             changes = {
                 "status": "SUCCESS",
                 "request_id": d.request_id,
@@ -120,7 +121,8 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
         case TaskCancelled(data=d) if live:
             changes = {"status": "CANCELLED", "error_message": d.reason, "completed_at": event.occurred_at}
         case ImagesStored(data=d):
-            stored = [img.model_dump() for img in d.images]
+            flags = [img.get("has_nsfw_concepts") for img in row["images"] or []]
+            stored = with_nsfw_flags([img.model_dump() for img in d.images], flags)
             if not stored:
                 return row
             changes = {"cloud_image_url": stored[0]["url"], "cloud_images": stored, "storage_error": None}
@@ -129,6 +131,12 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
         case _:
             return row
     return {**row, **changes, "updated_at": event.occurred_at, "last_event_seq": seq}
+
+
+def with_nsfw_flags(images: list[Row], flags: Sequence[bool | None]) -> list[Row]:
+    """Each image with fal's ``has_nsfw_concepts`` flag of the same index (``None`` if unknown)."""
+    padded = [*flags, *[None] * len(images)][: len(images)]
+    return [{**img, "has_nsfw_concepts": flag} for img, flag in zip(images, padded, strict=True)]
 
 
 async def apply_batch(
