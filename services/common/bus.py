@@ -33,6 +33,14 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from schemas.events import FluxEvent, UnknownEvent, decode_event, encode_event
+from services.common.metrics import (
+    CONSUMER_ACK_PENDING,
+    CONSUMER_PENDING,
+    CONSUMER_REDELIVERED,
+    EVENTS_FAILED,
+    EVENTS_HANDLED,
+    IN_FLIGHT,
+)
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -320,6 +328,7 @@ class Consumer:
         sub = await bus.js.pull_subscribe_bind(durable=self.durable, stream=bus.stream)
         running: set[asyncio.Task[None]] = set()
         stopping = asyncio.create_task(self._stopping.wait())
+        gauges = asyncio.create_task(self._refresh_gauges(bus))
         log.info("consumer %s started on %s", self.durable, bus.task_subject("*", self.token))
         while not self._stopping.is_set():
             room = self.concurrency - len(running)
@@ -343,6 +352,7 @@ class Consumer:
                 running.add(task)
                 task.add_done_callback(running.discard)
         stopping.cancel()
+        gauges.cancel()
         for task in [t for t in running if t in _HOLDING]:
             task.cancel()  # only waiting on a task at fal: hand the message back now
         if running:
@@ -366,7 +376,8 @@ class Consumer:
             await self._dead_letter(bus, msg, f"delivered {delivered} times without finishing", event)
             return
         try:
-            await handler(event, msg)
+            with IN_FLIGHT.labels(self.durable).track_inprogress():
+                await handler(event, msg)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -379,6 +390,7 @@ class Consumer:
                 await self._dead_letter(bus, msg, f"gave up after {delivered} deliveries: {exc!r}", event)
                 return
             delay = self.backoff[min(delivered, len(self.backoff)) - 1]
+            EVENTS_FAILED.labels(self.durable, "retry").inc()
             log.warning(
                 "%s failed on %s (delivery %d), retrying in %ss: %r",
                 self.durable,
@@ -392,10 +404,22 @@ class Consumer:
             return
         with contextlib.suppress(Exception):
             await msg.ack_sync()
+        EVENTS_HANDLED.labels(self.durable).inc()
+
+    async def _refresh_gauges(self, bus: Bus, every: float = 5.0) -> None:
+        """Keep the consumer's lag and pending gauges current (read from the server)."""
+        while True:
+            with contextlib.suppress(Exception):
+                info = await bus.js.consumer_info(bus.stream, self.durable)
+                CONSUMER_PENDING.labels(self.durable).set(info.num_pending or 0)
+                CONSUMER_ACK_PENDING.labels(self.durable).set(info.num_ack_pending or 0)
+                CONSUMER_REDELIVERED.labels(self.durable).set(info.num_redelivered or 0)
+            await asyncio.sleep(every)
 
     async def _dead_letter(self, bus: Bus, msg: Msg, reason: str, event: FluxEvent | None = None) -> None:
         """Park the message with the reason, then let ``on_dead_letter`` end its task (a task
         whose next step was dead-lettered must not stay unfinished forever)."""
+        EVENTS_FAILED.labels(self.durable, "dead_letter").inc()
         await bus.dead_letter(self.durable, msg.subject, msg.metadata.sequence.stream, msg.data, reason)
         if event is not None and self.on_dead_letter is not None:
             try:

@@ -36,6 +36,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schemas.events import FluxEvent, UnknownEvent, decode_event
 from services.common.bus import Bus
 from services.common.db import make_engine
+from services.common.metrics import (
+    PROJECTOR_APPLIED,
+    PROJECTOR_DEAD_LETTERS,
+    projector_position,
+    serving_metrics,
+)
 from services.common.settings import Settings
 from services.projector.projection import apply_batch, load_checkpoint
 
@@ -91,6 +97,10 @@ class Projector:
                     await self.retrying(partial(self.apply, raws))
                 except Pause:
                     return  # stopped during an outage: nothing was lost, the checkpoint says where
+                last = msgs[-1].metadata
+                projector_position(
+                    last.sequence.stream, last.sequence.stream + last.num_pending, last.timestamp
+                )
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -133,8 +143,9 @@ class Projector:
             except UnknownEvent as exc:
                 await self.park(seq, subject, data, f"undecodable event: {exc}")
         try:
-            if await self.write(batch, last_seq=raws[-1][0]):
+            if applied := await self.write(batch, last_seq=raws[-1][0]):
                 self.parked_in_a_row = 0
+                PROJECTOR_APPLIED.inc(applied)
             return
         except EventFault as exc:
             log.error("a batch of %d event(s) failed; applying them one by one: %s", len(batch), exc)
@@ -142,6 +153,7 @@ class Projector:
             try:
                 if await self.write([(seq, event)]):  # 0 when a retry meets it done already
                     self.parked_in_a_row = 0
+                    PROJECTOR_APPLIED.inc()
             except EventFault as exc:
                 if self.parked_in_a_row >= BREAKER:
                     raise Pause(f"{BREAKER} events in a row could not be projected: a bug? ({exc})") from exc
@@ -168,6 +180,7 @@ class Projector:
 
     async def park(self, seq: int, subject: str, data: bytes, reason: str) -> None:
         self.parked_in_a_row += 1
+        PROJECTOR_DEAD_LETTERS.inc()
         try:
             await self.bus.dead_letter(DURABLE, subject, seq, data, reason[:1000])
         except Exception as exc:
@@ -186,7 +199,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     bus = await Bus.connect(settings, "projector")
     engine = make_engine(settings)
     try:
-        await project(bus, engine, stop)
+        async with serving_metrics(settings, DURABLE):
+            await project(bus, engine, stop)
     finally:
         await engine.dispose()
         await bus.close()

@@ -86,6 +86,7 @@ def new_row(seq: int, event: TaskRequested) -> Row:
         "created_at": event.occurred_at,
         "updated_at": event.occurred_at,
         "completed_at": None,
+        "failure_stage": None,
     }
 
 
@@ -115,7 +116,12 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
                 "completed_at": event.occurred_at,
             }
         case TaskFailed(data=d) if live:
-            changes = {"status": "FAILED", "error_message": d.error, "completed_at": event.occurred_at}
+            changes = {
+                "status": "FAILED",
+                "error_message": d.error,
+                "completed_at": event.occurred_at,
+                "failure_stage": d.stage,
+            }
         case TaskCancelled(data=d) if live:
             changes = {"status": "CANCELLED", "error_message": d.reason, "completed_at": event.occurred_at}
         case ImagesStored(data=d):
