@@ -32,7 +32,7 @@ from schemas.events import (
     TaskSubmittedData,
     encode_event,
 )
-from services.common.bus import Bus
+from services.common.bus import REDRIVE_OF, Bus
 from services.common.db import make_engine
 from services.common.migrate import upgrade
 from services.common.settings import Settings
@@ -124,6 +124,16 @@ async def publish_mixed_run(bus: Bus, prefix: str, n: int = 12) -> None:
                 data=TaskStatusChangedData(status="IN_QUEUE", seq=9),
             )
         )
+    # A re-driven copy (fluxpipe dlq redrive) is for its consumer only: no reader folds it.
+    running = TaskStatusChanged(
+        task_id=f"{prefix}4", user_id="user1", data=TaskStatusChangedData(status="IN_PROGRESS", seq=1)
+    )
+    await bus.js.publish(
+        running.subject(bus.prefix),
+        encode_event(running),
+        stream=bus.stream,
+        headers={"Nats-Msg-Id": f"copy-{prefix}", REDRIVE_OF: "1", "Fluxpipe-Stream-Seq": "1"},
+    )
     await bus.js.publish(f"{bus.prefix}.task.x.requested", b'{"type": "task.unknown"}', stream=bus.stream)
     await bus.dead_letter("poller", f"{bus.prefix}.task.{prefix}0.submitted", 1, b"{}", "test letter")
 
@@ -158,13 +168,15 @@ async def snapshot(dsn: str) -> dict[str, Any]:
         schema = sorted(
             (r["tablename"], r["indexname"], r["indexdef"])
             for r in await conn.fetch(
-                "select tablename, indexname, indexdef from pg_indexes where tablename in ('flux_tasks', 'image_history')"
+                "select tablename, indexname, indexdef from pg_indexes"
+                " where tablename in ('flux_tasks', 'image_history')"
             )
         )
         constraints = sorted(
             r["conname"]
             for r in await conn.fetch(
-                "select conname from pg_constraint where conrelid in ('flux_tasks'::regclass, 'image_history'::regclass)"
+                "select conname from pg_constraint"
+                " where conrelid in ('flux_tasks'::regclass, 'image_history'::regclass)"
             )
         )
     finally:

@@ -13,6 +13,10 @@ Invariants:
 - On stop, handlers get ``grace`` seconds to finish (those only following a task, inside
   ``hold``, none); the rest are cancelled and their messages nak'd, so another replica takes
   them over at once.
+- A re-driven dead letter (``fluxpipe dlq redrive``) is the original event republished on its
+  own subject with a ``Fluxpipe-Redrive-Of`` header: its consumer handles it like any
+  redelivery (handlers are idempotent; ``origin_seq`` gives the original position), and
+  readers of the log skip it (``is_redrive``), so it is never a second event.
 """
 
 from __future__ import annotations
@@ -104,6 +108,11 @@ class Bus:
 
     def is_dead_letter(self, subject: str) -> bool:
         return subject.startswith(f"{self.prefix}.dlq.")
+
+    def redriven_subject(self, durable: str = "*", letter_seq: int | str = "*") -> str:
+        """The marker ``fluxpipe dlq redrive`` leaves for a re-driven letter of ``durable``: one
+        subject per letter, so a second re-drive of the same letter is refused by the server."""
+        return f"{self.prefix}.dlq.redriven.{durable}.{letter_seq}"
 
     async def ensure_stream(self, replicas: int = 1) -> api.StreamInfo:
         """Create the stream, or bring an existing one to this configuration."""
@@ -432,6 +441,22 @@ class Consumer:
                     await msg.nak(delay=self.backoff[-1])
                 return
         await msg.term()
+
+
+REDRIVE_OF = "Fluxpipe-Redrive-Of"
+
+
+def is_redrive(headers: dict[str, str] | None) -> bool:
+    """Whether a message is a re-driven copy of an event (``fluxpipe dlq redrive``): for its
+    consumer a redelivery, for every reader of the log (projector, replay) not a new event."""
+    return bool(headers and REDRIVE_OF in headers)
+
+
+def origin_seq(msg: Msg) -> int:
+    """The stream sequence of the event ``msg`` carries: its own, or for a re-driven copy the
+    original event's (``Fluxpipe-Stream-Seq``)."""
+    original = (msg.headers or {}).get("Fluxpipe-Stream-Seq") if is_redrive(msg.headers) else None
+    return int(original) if original else msg.metadata.sequence.stream
 
 
 _HOLDING: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()

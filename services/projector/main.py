@@ -34,7 +34,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import FluxEvent, UnknownEvent, decode_event
-from services.common.bus import Bus
+from services.common.bus import Bus, is_redrive
 from services.common.db import make_engine
 from services.common.metrics import (
     PROJECTOR_APPLIED,
@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 BATCH = 256
 DURABLE = "projector"
+REDRIVEN = "redriven copy"  # stands for the subject of a re-driven copy: skipped like a dead letter
 
 
 Raw = tuple[int, str, bytes]  # stream seq, subject, data
@@ -92,7 +93,10 @@ class Projector:
                 msgs = [first]
                 while len(msgs) < BATCH and sub.pending_msgs > 0:
                     msgs.append(await sub.next_msg(timeout=1))
-                raws = [(m.metadata.sequence.stream, m.subject, m.data) for m in msgs]
+                raws = [
+                    (m.metadata.sequence.stream, REDRIVEN if is_redrive(m.headers) else m.subject, m.data)
+                    for m in msgs
+                ]
                 try:
                     await self.retrying(partial(self.apply, raws))
                 except Pause:
@@ -136,7 +140,7 @@ class Projector:
         batch: list[tuple[int, FluxEvent]] = []
         where = {seq: (subject, data) for seq, subject, data in raws}
         for seq, subject, data in raws:
-            if self.bus.is_dead_letter(subject):
+            if self.bus.is_dead_letter(subject) or subject == REDRIVEN:
                 continue  # parked copies of events, not events: the checkpoint just moves past
             try:
                 batch.append((seq, decode_event(data)))

@@ -40,7 +40,7 @@ from nats.js import api
 from sqlalchemy.sql import sqltypes
 
 from schemas.events import UnknownEvent, decode_event
-from services.common.bus import Bus
+from services.common.bus import Bus, is_redrive
 from services.common.db import Base
 from services.common.settings import Settings
 from services.projector.readmodels import READ_MODELS, ReadModel, Rebuild, Row
@@ -126,7 +126,7 @@ async def read_stream(
                     f"the stream stopped delivering at seq {folding.through} of {until_seq}"
                 ) from None
             seq = msg.metadata.sequence.stream
-            if bus.is_dead_letter(msg.subject):
+            if bus.is_dead_letter(msg.subject) or is_redrive(msg.headers):
                 folding.through = seq
             else:
                 folding.fold(seq, msg.data)
