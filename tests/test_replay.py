@@ -43,7 +43,11 @@ from tests.test_bus import wait_for
 
 
 def task_story(
-    task_id: str, outcome: str, user: str = "alice", model: str = "fal-ai/flux-1/dev"
+    task_id: str,
+    outcome: str,
+    user: str = "alice",
+    model: str = "fal-ai/flux-1/dev",
+    generation_time: float | None = None,
 ) -> list[FluxEvent]:
     """A task's events for one of the outcomes ``stored``, ``storage_failed``, ``failed``,
     ``timeout``, ``running``."""
@@ -84,7 +88,7 @@ def task_story(
             data=TaskCompletedData(
                 request_id=f"req-{task_id}",
                 images=(ProviderImage(url=f"https://fal/{task_id}.jpg", width=64, height=64),),
-                generation_time=1.0 + len(task_id) % 5,
+                generation_time=generation_time if generation_time is not None else 1.0 + len(task_id) % 5,
             ),
         )
     )

@@ -79,7 +79,10 @@ PER_MODEL = text(
 STORAGE = text(
     """
     select coalesce(sum((img->>'size')::bigint), 0) as bytes, count(img) as images
-      from flux_tasks t cross join lateral jsonb_array_elements(coalesce(t.cloud_images, '[]'::jsonb)) img
+      from flux_tasks t
+     cross join lateral jsonb_array_elements(
+         case when jsonb_typeof(t.cloud_images) = 'array' then t.cloud_images else '[]'::jsonb end
+     ) img
      where t.created_at >= :since and t.created_at < :until
     """
 )
