@@ -26,6 +26,8 @@ COPY fail too; the replay then stops with the database's reason and changes noth
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import nats.errors
+from nats.aio.msg import Msg
 from nats.js import api
 from sqlalchemy.sql import sqltypes
 
@@ -51,6 +53,7 @@ SHADOW = "_rebuild"
 LOCK_KEY = 0x666C7578  # "flux": one replay at a time
 COPY_CHUNK = 50_000
 CATCH_UP_ROUNDS = 3
+STALL = 10.0  # seconds without a message before the replay gives up
 
 Say = Callable[[str], None]
 
@@ -102,12 +105,37 @@ class Folding:
 async def read_stream(
     bus: Bus, folding: Folding, until_seq: int, say: Say | None = None, every: float = 1.0
 ) -> None:
-    """Fold every event after ``folding.through`` up to ``until_seq`` (inclusive)."""
+    """Fold every event after ``folding.through`` up to ``until_seq`` (inclusive).
+
+    Messages are folded in the subscription's callback (twice the throughput of awaiting
+    each one); a stream that delivers nothing for ``STALL`` seconds fails the replay."""
     if until_seq <= folding.through:
         return
+    finished = asyncio.Event()
+    failure: list[BaseException] = []
+    prefix_dlq = f"{bus.prefix}.dlq."
+
+    async def on_msg(msg: Msg) -> None:
+        if finished.is_set():
+            return
+        try:
+            seq = msg.metadata.sequence.stream
+            if seq > folding.through:
+                if msg.subject.startswith(prefix_dlq) or is_redrive(msg.headers):
+                    folding.through = seq
+                else:
+                    folding.fold(seq, msg.data)
+        except Exception as exc:
+            failure.append(exc)
+            finished.set()
+            return
+        if folding.through >= until_seq:
+            finished.set()
+
     sub = await bus.js.subscribe(
         bus.events_subject(),
         stream=bus.stream,
+        cb=on_msg,
         ordered_consumer=True,
         pending_msgs_limit=200_000,
         pending_bytes_limit=512 * 1024 * 1024,
@@ -115,28 +143,26 @@ async def read_stream(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=folding.through + 1
         ),
     )
-    start = last_report = time.monotonic()
-    first = folding.through
+    start = time.monotonic()
+    first = seen = folding.through
+    stalled_since = start
     try:
-        while folding.through < until_seq:
-            try:
-                msg = await sub.next_msg(timeout=5)
-            except nats.errors.TimeoutError:
-                raise RuntimeError(
-                    f"the stream stopped delivering at seq {folding.through} of {until_seq}"
-                ) from None
-            seq = msg.metadata.sequence.stream
-            if bus.is_dead_letter(msg.subject) or is_redrive(msg.headers):
-                folding.through = seq
-            else:
-                folding.fold(seq, msg.data)
-            if say is not None and (now := time.monotonic()) - last_report >= every:
-                last_report = now
-                done = folding.through - first
+        while not finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), every)
+            now = time.monotonic()
+            if folding.through != seen:
+                seen, stalled_since = folding.through, now
+            elif now - stalled_since > STALL:
+                raise RuntimeError(f"the stream stopped delivering at seq {folding.through} of {until_seq}")
+            if say is not None and not finished.is_set():
                 say(
-                    f"read {folding.through:,}/{until_seq:,} ({done / (now - start):,.0f} messages/s, "
+                    f"read {folding.through:,}/{until_seq:,} "
+                    f"({(folding.through - first) / (now - start):,.0f} messages/s, "
                     f"{folding.events:,} events folded)"
                 )
+        if failure:
+            raise failure[0]
     finally:
         try:
             await sub.unsubscribe()
