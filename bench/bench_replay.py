@@ -52,7 +52,10 @@ async def publish(bus: Bus, events: int) -> float:
         if task % 2000 == 0:
             await bus.nc.flush(timeout=60)
     await bus.nc.flush(timeout=60)
-    while (await bus.js.stream_info(bus.stream)).state.messages < events:
+    deadline = time.monotonic() + 300
+    while (stored := (await bus.js.stream_info(bus.stream)).state.messages) < events:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the stream holds {stored} of {events} events after 5 minutes")
         await asyncio.sleep(0.1)
     return time.perf_counter() - start
 
