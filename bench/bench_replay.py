@@ -137,7 +137,8 @@ async def main(events: int) -> None:
             admin = await asyncpg.connect(Settings(DATABASE_URL=db_url).asyncpg_dsn)
             await admin.execute(f'create database "{name}"')
             await admin.close()
-            url = db_url.rsplit("/", 1)[0] + "/" + name
+            base, _, query = db_url.partition("?")
+            url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
             try:
                 await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
                 await run(nats_url, url, events)
