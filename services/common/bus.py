@@ -418,12 +418,12 @@ class Consumer:
     async def _refresh_gauges(self, bus: Bus, every: float = 5.0) -> None:
         """Keep the consumer's lag and pending gauges current (read from the server)."""
         while True:
+            await asyncio.sleep(every)
             with contextlib.suppress(Exception):
                 info = await bus.js.consumer_info(bus.stream, self.durable)
                 CONSUMER_PENDING.labels(self.durable).set(info.num_pending or 0)
                 CONSUMER_ACK_PENDING.labels(self.durable).set(info.num_ack_pending or 0)
                 CONSUMER_REDELIVERED.labels(self.durable).set(info.num_redelivered or 0)
-            await asyncio.sleep(every)
 
     async def _dead_letter(self, bus: Bus, msg: Msg, reason: str, event: FluxEvent | None = None) -> None:
         """Park the message with the reason, then let ``on_dead_letter`` end its task (a task
