@@ -74,7 +74,7 @@ PROJECTOR_LAG_EVENTS = Gauge(
 )
 PROJECTOR_LAG_SECONDS = Gauge(
     "fluxpipe_projector_lag_seconds",
-    "Age of the last event the projector applied while it is behind; 0 when it is caught up",
+    "Age of the oldest event the projector has not applied yet; 0 when it is caught up",
 )
 PROJECTOR_CHECKPOINT = Gauge("fluxpipe_projector_checkpoint", "Last stream sequence applied")
 HTTP_REQUESTS = Counter(
@@ -98,16 +98,17 @@ def fal_error(operation: str, status: int | None) -> None:
     FAL_ERRORS.labels(operation, str(status) if status is not None else "transport").inc()
 
 
-def projector_position(applied_seq: int, last_seq: int, applied_at: datetime | None) -> None:
-    """Record where the projector stands: ``applied_seq`` of the stream's ``last_seq``, the
-    last applied event having occurred at ``applied_at``."""
+def projector_position(applied_seq: int, last_seq: int, oldest_unapplied: datetime | None = None) -> None:
+    """Record where the projector stands: ``applied_seq`` of the stream's ``last_seq``; the
+    oldest message not applied yet was stored at ``oldest_unapplied`` (None: unknown, the
+    seconds gauge is left as it is unless caught up)."""
     PROJECTOR_CHECKPOINT.set(applied_seq)
     behind = max(last_seq - applied_seq, 0)
     PROJECTOR_LAG_EVENTS.set(behind)
-    if behind and applied_at is not None:
-        PROJECTOR_LAG_SECONDS.set(max((datetime.now(UTC) - applied_at).total_seconds(), 0.0))
-    else:
+    if not behind:
         PROJECTOR_LAG_SECONDS.set(0)
+    elif oldest_unapplied is not None:
+        PROJECTOR_LAG_SECONDS.set(max((datetime.now(UTC) - oldest_unapplied).total_seconds(), 0.0))
 
 
 def metrics_port(settings: Settings, service: str) -> int | None:

@@ -72,6 +72,7 @@ class Projector:
     engine: AsyncEngine
     stop: asyncio.Event
     parked_in_a_row: int = 0
+    applied_seq: int = 0
 
     async def run(self) -> None:
         start = await self.retrying(self.checkpoint) + 1
@@ -84,6 +85,8 @@ class Projector:
             ),
         )
         log.info("projector following %s from stream seq %d", self.bus.events_subject(), start)
+        self.applied_seq = start - 1
+        watching = asyncio.create_task(self.watch_lag())
         try:
             while not self.stop.is_set():
                 try:
@@ -102,12 +105,30 @@ class Projector:
                 except Pause:
                     return  # stopped during an outage: nothing was lost, the checkpoint says where
                 last = msgs[-1].metadata
-                projector_position(
-                    last.sequence.stream, last.sequence.stream + last.num_pending, last.timestamp
-                )
+                self.applied_seq = last.sequence.stream
+                projector_position(self.applied_seq, self.applied_seq + last.num_pending)
         finally:
+            watching.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def watch_lag(self, every: float = 5.0) -> None:
+        """Keep the lag gauges honest while no batch lands (idle, or paused by an outage)."""
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):
+                last_seq = (await self.bus.js.stream_info(self.bus.stream)).state.last_seq
+                oldest = None
+                if last_seq > self.applied_seq:
+                    oldest = (
+                        await self.bus.js.get_msg(
+                            self.bus.stream,
+                            seq=self.applied_seq + 1,
+                            subject=self.bus.events_subject(),
+                            next=True,
+                        )
+                    ).time
+                projector_position(self.applied_seq, last_seq, oldest)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it succeeds, pausing with backoff (0.2 s doubling to 10 s) while
