@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from services.common.embedded import free_port
+from services.common.embedded import free_port, port_is_free
 from services.common.metrics import METRICS_OFFSETS
 from tests.test_admin_stats import samples
 from tests.test_e2e import Stack, follow
@@ -22,6 +22,8 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = free_port()
+    while not all(port_is_free(base + offset) for offset in METRICS_OFFSETS.values()):
+        base = free_port()
     stack = Stack(tmp_path_factory.mktemp("fluxpipe-ops"), extra_env={"FLUXPIPE_METRICS_PORT": str(base)})
     stack.metrics_base = base  # type: ignore[attr-defined]
     yield stack
