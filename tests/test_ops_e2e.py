@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -56,7 +57,18 @@ def worker_metrics(stack: Stack) -> dict[str, str]:
     return {name: scrape(f"http://127.0.0.1:{base + off}/metrics") for name, off in METRICS_OFFSETS.items()}
 
 
-def test_every_service_serves_metrics_that_move_with_the_work(stack: Stack) -> None:
+@dataclass
+class Work:
+    """Two tasks run once for the module: one succeeds (and is stored), one fal refuses."""
+
+    before: dict[str, str]
+    gateway_before: str
+    ok: str
+    bad: str
+
+
+@pytest.fixture(scope="module")
+def work(stack: Stack) -> Work:
     before = worker_metrics(stack)
     gateway_before = scrape(f"{stack.url}/metrics")
     with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
@@ -74,7 +86,11 @@ def test_every_service_serves_metrics_that_move_with_the_work(stack: Stack) -> N
         while not stored():
             assert time.monotonic() < deadline
             time.sleep(0.1)
+    return Work(before, gateway_before, ok, bad)
 
+
+def test_every_service_serves_metrics_that_move_with_the_work(stack: Stack, work: Work) -> None:
+    before, gateway_before = work.before, work.gateway_before
     gateway = scrape(f"{stack.url}/metrics")
     route = "/api/flux/text-to-image"
     assert total(gateway, "fluxpipe_http_requests_total", route=route, status="202") == (
@@ -109,7 +125,7 @@ def test_every_service_serves_metrics_that_move_with_the_work(stack: Stack) -> N
         assert "e2e-key" not in text
 
 
-def test_admin_stats_match_the_tasks_that_ran(stack: Stack) -> None:
+def test_admin_stats_match_the_tasks_that_ran(stack: Stack, work: Work) -> None:
     admin = {"Authorization": f"Bearer {stack.cli('token', '--user', 'ops', '--admin').strip()}"}
     r = httpx.get(f"{stack.url}/api/flux/admin/stats", headers=admin, timeout=10)
     assert r.status_code == 200, r.text
@@ -123,7 +139,7 @@ def test_admin_stats_match_the_tasks_that_ran(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/api/flux/admin/stats", headers=stack.auth).status_code == 403
 
 
-def test_replay_stuck_and_dlq_against_the_running_stack(stack: Stack) -> None:
+def test_replay_stuck_and_dlq_against_the_running_stack(stack: Stack, work: Work) -> None:
     with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
         before = client.get("/api/flux/history", params={"limit": 100}).json()
         out = stack.cli("replay")  # progress goes to stderr; nothing to stdout

@@ -294,3 +294,21 @@ async def test_a_second_replay_in_a_row_changes_nothing(bus, engine, settings):
     assert first.through_seq == second.through_seq
     assert await snapshot(settings.asyncpg_dsn) == once
     assert await applied(engine) == first.through_seq
+
+
+async def test_replay_refuses_to_drop_rows_no_registered_read_model_rebuilds(bus, engine, settings):
+    await publish_mixed_run(bus, "g", n=6)
+    await replay(settings, bus)
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        await conn.execute(
+            "insert into image_history (source, source_task_id, user_id, image_url, created_at) "
+            "values ('midjourney', 'mj1', 'alice', 'http://mj/1.png', now())"
+        )
+        with pytest.raises(RuntimeError, match="1 row\\(s\\) of image_history have no counterpart"):
+            await replay(settings, bus)
+        assert await conn.fetchval("select count(*) from image_history where source = 'midjourney'") == 1
+        await replay(settings, bus, force=True)
+        assert await conn.fetchval("select count(*) from image_history where source = 'midjourney'") == 0
+    finally:
+        await conn.close()

@@ -49,6 +49,9 @@ def replay(
     model: Annotated[
         list[str] | None, typer.Option("--model", help="Read model to rebuild (repeatable); default: all")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Swap even if live rows have no counterpart in the rebuild")
+    ] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Rebuild the read models from the start of the stream and swap them in while queries keep working."""
@@ -58,7 +61,9 @@ def replay(
     settings = stack_settings(data_dir)
     _with_bus(
         data_dir,
-        lambda bus: rebuild(settings, bus, model or None, say=lambda line: typer.echo(line, err=True)),
+        lambda bus: rebuild(
+            settings, bus, model or None, say=lambda line: typer.echo(line, err=True), force=force
+        ),
     )
 
 

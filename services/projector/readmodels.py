@@ -13,6 +13,10 @@ Invariants:
   its last call (for catching up with events that arrived during the load), keyed by the
   table's ``keys`` so they can be upserted.
 - Columns a row leaves out take the table's default (``image_history.id``).
+- A replay swaps whole tables: every row of a rebuilt table must come from some registered
+  read model. A table that several read models fill (``image_history``: Flux tasks here, other
+  generators' history elsewhere) gets the rows of each of them, so each source must register
+  its fold for it (with the same key columns), or its rows are lost at the swap.
 """
 
 from __future__ import annotations

@@ -292,6 +292,17 @@ async def _catch_up(conn: asyncpg.Connection, folding: Folding) -> None:
         await _upsert(conn, table, keys, rebuild.changes(table))
 
 
+async def _orphans(conn: asyncpg.Connection, table: str, keys: tuple[str, ...]) -> int:
+    """Rows of the live ``table`` the rebuild has no row for (by ``keys``)."""
+    match = " and ".join(f"s.{_ident(k)} = l.{_ident(k)}" for k in keys)
+    return int(
+        await conn.fetchval(
+            f"select count(*) from {_ident(table)} l "
+            f"where not exists (select 1 from {_ident(table + SHADOW)} s where {match})"
+        )
+    )
+
+
 async def _swap(conn: asyncpg.Connection, table: str, renames: list[tuple[str, str, str]]) -> None:
     shadow = table + SHADOW
     for column, _ in await _columns(conn, table):
@@ -319,9 +330,18 @@ async def _last_seq(bus: Bus) -> int:
 
 
 async def replay(
-    settings: Settings, bus: Bus, names: Sequence[str] | None = None, say: Say | None = None
+    settings: Settings,
+    bus: Bus,
+    names: Sequence[str] | None = None,
+    say: Say | None = None,
+    *,
+    force: bool = False,
 ) -> ReplayResult:
-    """Rebuild the read models ``names`` (default: every registered one) and swap them in."""
+    """Rebuild the read models ``names`` (default: every registered one) and swap them in.
+
+    Refuses the swap (and changes nothing live) if a live table holds rows the rebuild has
+    no row for, e.g. another source's history whose read model is not registered, unless
+    ``force``: those rows would be lost."""
     unknown = [n for n in names or () if n not in READ_MODELS]
     if unknown:
         raise ValueError(f"unknown read model(s) {', '.join(unknown)}; known: {', '.join(READ_MODELS)}")
@@ -341,9 +361,12 @@ async def replay(
         tell(f"read {folding.through:,} messages in {result.read_seconds:.1f}s; loading shadow tables")
         loading = time.monotonic()
         renames: dict[str, list[tuple[str, str, str]]] = {}
-        for table, _, rebuild in folding.tables():
+        tables = list(dict.fromkeys(table for table, _, _ in folding.tables()))
+        for table in tables:  # a table several read models fill gets every one's rows
             await _create_shadow(conn, table)
-            result.rows[table] = await _load(conn, table, rebuild.rows(table))
+        for table, _, rebuild in folding.tables():
+            result.rows[table] = result.rows.get(table, 0) + await _load(conn, table, rebuild.rows(table))
+        for table in tables:
             renames[table] = await _index_shadow(conn, table)
             tell(f"loaded {table}{SHADOW}: {result.rows[table]:,} rows")
         for _ in range(CATCH_UP_ROUNDS):
@@ -368,7 +391,16 @@ async def replay(
             if applied > folding.through:
                 await read_stream(bus, folding, applied)
             await _catch_up(conn, folding)
-            for table, _, _ in folding.tables():
+            keys = {table: k for table, k, _ in folding.tables()}
+            for table in tables:
+                lost = await _orphans(conn, table, keys[table])
+                if lost and not force:
+                    raise RuntimeError(
+                        f"{lost:,} row(s) of {table} have no counterpart in the rebuild (filled by a read "
+                        "model that is not registered for replay?); nothing was swapped. Register it, or "
+                        "pass --force to drop them"
+                    )
+            for table in tables:
                 await _swap(conn, table, renames[table])
             await conn.execute(
                 "update projector_checkpoints set stream_seq = $2, updated_at = now() "
