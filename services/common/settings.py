@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024 * 1024, validation_alias="FLUXPIPE_MAX_IMAGE_BYTES")
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
+    metrics_port: int = Field(0, ge=0, validation_alias="FLUXPIPE_METRICS_PORT")
+    metrics_host: str = Field("127.0.0.1", validation_alias="FLUXPIPE_METRICS_HOST")
 
     openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
     openai_model_aliases: dict[str, str] = Field(

@@ -24,7 +24,7 @@ from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
-from services.gateway.routes import events, flux, history, images, models, openai_images, uploads
+from services.gateway.routes import admin, events, flux, history, images, models, openai_images, uploads
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(models.router)
     app.include_router(images.router)
     app.include_router(uploads.router)
+    admin.instrument(app)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")

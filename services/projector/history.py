@@ -106,29 +106,38 @@ def key_of(event: FluxEvent) -> Key:
     return (event.source if isinstance(event, HistoryEvent) else "flux", event.task_id)
 
 
-async def apply_history(
-    conn: AsyncConnection, pending: Sequence[tuple[int, FluxEvent]], tasks: Mapping[str, Row]
-) -> None:
-    """Fold a batch into ``image_history``: its history events, and ``tasks``, the Flux task
-    rows the batch changed (as they are after it), at the position of their events."""
-    relevant = [
-        (seq, event) for seq, event in pending if isinstance(event, HistoryEvent) or event.task_id in tasks
-    ]
+def fold_history(
+    current: Row | None, seq: int, event: FluxEvent, task: Mapping[str, Any] | None
+) -> Row | None:
+    """The history row after one event: a history event folds itself; a task event counts only
+    when it changed the task's row, ``task`` being that row as it is after the event."""
+    if isinstance(event, HistoryEvent):
+        return fold_item(current, seq, event)
+    if task is not None:
+        return flux_item(current, seq, task)
+    return current
+
+
+Step = tuple[int, FluxEvent, Mapping[str, Any] | None]  # seq, event, the task row it produced
+
+
+async def apply_history(conn: AsyncConnection, steps: Sequence[Step]) -> None:
+    """Fold a batch into ``image_history``, event by event in stream order: the history events,
+    and each task event that changed its task's row (with the row it produced). The result is
+    the same however the log is cut into batches, which is what lets a replay equal it."""
+    relevant = [step for step in steps if isinstance(step[1], HistoryEvent) or step[2] is not None]
     if not relevant:
         return
-    keys = {key_of(event) for _, event in relevant}
+    keys = {key_of(event) for _, event, _ in relevant}
     found = await conn.execute(
         select(history).where(tuple_(history.c.source, history.c.source_task_id).in_(keys))
     )
     rows: dict[Key, Row] = {(r.source, r.source_task_id): dict(r._mapping) for r in found}
     changed: set[Key] = set()
-    for seq, event in relevant:
+    for seq, event, task in relevant:
         key = key_of(event)
         before = rows.get(key)
-        if isinstance(event, HistoryEvent):
-            after = fold_item(before, seq, event)
-        else:
-            after = flux_item(before, seq, tasks[event.task_id])
+        after = fold_history(before, seq, event, task)
         if after is not None and after is not before:
             rows[key] = after
             changed.add(key)

@@ -35,7 +35,7 @@ from schemas.events import (
     TaskSubmitted,
 )
 from services.common.db import FluxTask, ImageHistory, ProjectorCheckpoint
-from services.projector.history import apply_history
+from services.projector.history import Step, apply_history
 
 CHECKPOINT = "flux_tasks"
 
@@ -88,6 +88,7 @@ def new_row(seq: int, event: TaskRequested) -> Row:
         "created_at": event.occurred_at,
         "updated_at": event.occurred_at,
         "completed_at": None,
+        "failure_stage": None,
     }
 
 
@@ -117,7 +118,12 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
                 "completed_at": event.occurred_at,
             }
         case TaskFailed(data=d) if live:
-            changes = {"status": "FAILED", "error_message": d.error, "completed_at": event.occurred_at}
+            changes = {
+                "status": "FAILED",
+                "error_message": d.error,
+                "completed_at": event.occurred_at,
+                "failure_stage": d.stage,
+            }
         case TaskCancelled(data=d) if live:
             changes = {"status": "CANCELLED", "error_message": d.reason, "completed_at": event.occurred_at}
         case ImagesStored(data=d):
@@ -157,12 +163,16 @@ async def apply_batch(
     result = await conn.execute(select(tasks).where(tasks.c.id.in_(ids)))
     rows: dict[str, Row] = {r.id: dict(r._mapping) for r in result}
     changed: set[str] = set()
+    steps: list[Step] = []
     for seq, event in pending:
         before = rows.get(event.task_id)
         after = fold_task(before, seq, event)
         if after is not None and after is not before:
             rows[event.task_id] = after
             changed.add(event.task_id)
+            steps.append((seq, event, after))
+        else:
+            steps.append((seq, event, None))
     if changed:
         upsert = insert(tasks)
         await conn.execute(
@@ -172,7 +182,7 @@ async def apply_batch(
             ),
             [rows[task_id] for task_id in changed],
         )
-    await apply_history(conn, pending, {task_id: rows[task_id] for task_id in changed})
+    await apply_history(conn, steps)
     await conn.execute(
         update(checkpoints)
         .where(checkpoints.c.name == CHECKPOINT)

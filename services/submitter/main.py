@@ -33,7 +33,7 @@ from schemas.events import (
     TaskSubmitted,
     TaskSubmittedData,
 )
-from services.common.bus import Bus, Consumer, hold
+from services.common.bus import Bus, Consumer, hold, origin_seq
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings
@@ -68,7 +68,7 @@ async def on_requested(
     ``stuck_task_grace_seconds`` after that (the poller dead-lettered it, say), the submitter
     fails the task itself and cancels it at fal, so a lost follow-up never keeps a slot forever.
     """
-    if await bus.first_seq(event.task_id, "requested") != msg.metadata.sequence.stream:
+    if await bus.first_seq(event.task_id, "requested") != origin_seq(msg):
         log.warning("task %s: ignoring a repeated TaskRequested (not the task's first)", event.task_id)
         return
     if await bus.has_any(event.task_id, TERMINAL_TOKENS):
