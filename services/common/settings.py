@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     openai_model_aliases: dict[str, str] = Field(
         default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
     )
+    openai_edit_model: str = Field("fal-ai/flux-pro/kontext", validation_alias="FLUXPIPE_OPENAI_EDIT_MODEL")
     # Users and secrets (services/common/auth.py; README "Authentication").
     idempotency_secret: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_IDEMPOTENCY_SECRET")
     webui_secret_key: SecretStr = Field(SecretStr(""), validation_alias="WEBUI_SECRET_KEY")

@@ -20,6 +20,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 
 from schemas.api import UploadedImage
 from services.common.images import NotAnImage, TooManyPixels, UnsupportedImage, reencode_upload
+from services.common.settings import Settings
 from services.common.storage import make_storage
 from services.common.urls import upload_key
 from services.gateway.deps import CurrentUser, SettingsDep
@@ -56,19 +57,32 @@ async def upload_image(request: Request, user: CurrentUser, settings: SettingsDe
     """Store an input image (multipart field ``file``; jpg, png or webp, at most 10 MB) and
     return its URL for ``image_url`` / ``image_urls``."""
     received = await read_file_field(request, "file", settings.max_upload_bytes)
-    if not received.data:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "file: the file is empty")
+    return await store_input_image(settings, user.user_id, received.data, received.filename, field="file")
+
+
+async def store_input_image(
+    settings: Settings, user_id: str, raw: bytes, filename: str | None, *, field: str
+) -> UploadedImage:
+    """Check, re-encode and store one input image of ``user_id`` (the upload route's rules, also
+    for ``/v1/images/edits``); ``HTTPException`` naming ``field`` and why when it is refused."""
+    if not raw:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{field}: the file is empty")
+    if len(raw) > settings.max_upload_bytes:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"{field}: larger than {settings.max_upload_bytes // (1024 * 1024)} MB",
+        )
     try:
         async with _DECODING:
-            data, info = await asyncio.to_thread(reencode_upload, received.data, settings.max_upload_pixels)
+            data, info = await asyncio.to_thread(reencode_upload, raw, settings.max_upload_pixels)
     except UnsupportedImage as exc:
-        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"file: {exc}") from None
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"{field}: {exc}") from None
     except (TooManyPixels, NotAnImage) as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"file: {exc}") from None
-    key = upload_key(user.user_id, f"flux_input_{uuid.uuid4().hex}.{info.extension}")
-    filename = (received.filename or "")[:255]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{field}: {exc}") from None
+    key = upload_key(user_id, f"flux_input_{uuid.uuid4().hex}.{info.extension}")
+    name = (filename or "")[:255]
     url = await make_storage(settings).put(
-        key, data, info.content_type, {"source": "flux_input", "original_filename": filename}
+        key, data, info.content_type, {"source": "flux_input", "original_filename": name}
     )
     return UploadedImage(
         url=url,
@@ -78,5 +92,5 @@ async def upload_image(request: Request, user: CurrentUser, settings: SettingsDe
         width=info.width,
         height=info.height,
         size=len(data),
-        filename=filename or None,
+        filename=name or None,
     )
