@@ -33,6 +33,7 @@ DataDir = Annotated[
 DEFAULT_DATA_DIR = Path(".data")
 RUNTIME_FILE = "runtime.json"
 SECRET_FILE = "jwt-secret"
+CONFIG_KEY_FILE = "config-key"
 
 
 class Service(StrEnum):
@@ -42,9 +43,10 @@ class Service(StrEnum):
     uploader = "uploader"
     projector = "projector"
     simulator = "simulator"
+    ledger = "ledger"
 
 
-WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader)
+WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader, Service.ledger)
 
 
 def load_settings(data_dir: Path = DEFAULT_DATA_DIR) -> Settings:
@@ -254,6 +256,7 @@ def up(
     fal simulator. Ctrl-C stops everything it started.
     """
     from services.common.auth import issue_token, load_or_create_secret
+    from services.common.config import load_or_create_config_key
     from services.common.embedded import (
         EmbeddedNats,
         EmbeddedPostgres,
@@ -286,6 +289,7 @@ def up(
     runtime = data_dir / RUNTIME_FILE
     try:
         env.setdefault("FLUXPIPE_JWT_SECRET", load_or_create_secret(data_dir / SECRET_FILE))
+        env.setdefault("FLUXPIPE_CONFIG_KEY", load_or_create_config_key(data_dir / CONFIG_KEY_FILE))
         env.setdefault("FLUXPIPE_STORAGE_DIR", str(data_dir / "storage"))
         env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
         env["PYTHONUNBUFFERED"] = "1"

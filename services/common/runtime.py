@@ -31,7 +31,11 @@ def setup_logging(settings: Settings, service: str) -> None:
     handler.setFormatter(
         RedactingFormatter(
             f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-            [settings.fal_key.get_secret_value(), settings.jwt_secret.get_secret_value()],
+            [
+                settings.fal_key.get_secret_value(),
+                settings.jwt_secret.get_secret_value(),
+                settings.config_key.get_secret_value(),
+            ],
         )
     )
     root = logging.getLogger()

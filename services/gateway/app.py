@@ -22,7 +22,8 @@ from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
-from services.gateway.routes import flux
+from services.gateway import admission
+from services.gateway.routes import admin, credits, flux
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.bus = await Bus.connect(settings, "gateway")
         app.state.engine = make_engine(settings)
+        await admission.start(app, settings, app.state.bus)
         try:
             yield
         finally:
+            await admission.stop(app)
             await app.state.engine.dispose()
             await app.state.bus.close()
 
@@ -117,6 +120,9 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(status_code=200 if all(checks.values()) else 503, content=checks)
 
     app.include_router(flux.router)
+    app.include_router(credits.router)
+    app.include_router(admin.router)
+    admission.install(app)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     return app

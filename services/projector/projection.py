@@ -34,6 +34,7 @@ from schemas.events import (
     TaskSubmitted,
 )
 from services.common.db import FluxTask, ImageHistory, ProjectorCheckpoint
+from services.projector.credits import apply_side_models
 
 CHECKPOINT = "flux_tasks"
 
@@ -186,6 +187,7 @@ async def apply_batch(
             ),
             [history_entry(rows[task_id]) for task_id in stored],
         )
+    await apply_side_models(conn, pending)
     await conn.execute(
         update(checkpoints)
         .where(checkpoints.c.name == CHECKPOINT)

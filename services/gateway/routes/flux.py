@@ -7,7 +7,7 @@ import hmac
 import uuid
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -17,6 +17,7 @@ from schemas.events import TaskRequested, TaskRequestedData, TaskStatus
 from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
+from services.gateway import admission
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
@@ -41,6 +42,7 @@ async def text_to_image(
     engine: EngineDep,
     settings: SettingsDep,
     response: Response,
+    request: Request,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TaskAccepted:
     """Queue a text-to-image job; returns the task id at once (the provider is never awaited).
@@ -69,7 +71,9 @@ async def text_to_image(
     )
     if idempotency_key and await already_requested(bus, task_id, data):
         return TaskAccepted(task_id=task_id, status=await current_status(engine, task_id), model=model)
-    ack = await bus.publish(TaskRequested(task_id=task_id, user_id=user.user_id, data=data))
+    event = TaskRequested(task_id=task_id, user_id=user.user_id, data=data)
+    await admission.admit(request, bus, event)
+    ack = await bus.publish(event)
     if ack.duplicate:  # a concurrent submit with the same key got there first
         await already_requested(bus, task_id, data)
     return TaskAccepted(task_id=task_id, status="PENDING", model=model)
