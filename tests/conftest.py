@@ -100,7 +100,10 @@ async def engine(database_url: str, settings: Settings) -> AsyncIterator[AsyncEn
         from sqlalchemy import text
 
         await conn.execute(
-            text("TRUNCATE flux_tasks, image_history, projector_checkpoints, flux_credits, flux_config")
+            text(
+                "TRUNCATE flux_tasks, image_history, projector_checkpoints, flux_credits, flux_config,"
+                " flux_credit_ledger"
+            )
         )
     yield engine
     await engine.dispose()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from nats.js.errors import APIError
 from sqlalchemy import Table, select
 
@@ -85,7 +85,9 @@ async def get_config(admin: AdminUser, engine: EngineDep, settings: SettingsDep)
 
 
 @router.put("/config", response_model=ConfigOut)
-async def put_config(body: ConfigUpdate, admin: AdminUser, bus: BusDep, settings: SettingsDep) -> ConfigOut:
+async def put_config(
+    body: ConfigUpdate, admin: AdminUser, bus: BusDep, settings: SettingsDep, request: Request
+) -> ConfigOut:
     """Change the configuration; every service applies it within seconds, without a restart."""
     given = body.model_dump(exclude_unset=True, exclude={"api_key"})
     if "base_url" in given:
@@ -103,14 +105,15 @@ async def put_config(body: ConfigUpdate, admin: AdminUser, bus: BusDep, settings
             changed.append("api_key")
         data = base.model_copy(update={**update, "changed": tuple(changed)})
         event = ConfigChanged(task_id=NO_TASK, user_id=admin.user_id, data=data)
-        if await _publish_config(bus, event, seq):
+        if new_seq := await _publish_config(bus, event, seq):
+            await request.app.state.live_config.apply(new_seq, data)  # this process: at once
             return _out(settings, data, admin.user_id, event.occurred_at)
     raise Refused(status.HTTP_409_CONFLICT, "the configuration keeps changing under us; try again")
 
 
-async def _publish_config(bus: Bus, event: ConfigChanged, expected_seq: int) -> bool:
+async def _publish_config(bus: Bus, event: ConfigChanged, expected_seq: int) -> int | None:
     try:
-        await bus.js.publish(
+        ack = await bus.js.publish(
             config_subject(bus.prefix),
             encode_event(event),
             stream=bus.stream,
@@ -118,9 +121,9 @@ async def _publish_config(bus: Bus, event: ConfigChanged, expected_seq: int) -> 
         )
     except APIError as exc:
         if exc.err_code in credits.WRONG_LAST_SEQUENCE:
-            return False
+            return None
         raise
-    return True
+    return ack.seq
 
 
 @router.post("/credits/{user_id}", response_model=CreditsOut)
