@@ -14,13 +14,13 @@ from sqlalchemy import text
 from schemas.events import (
     CreditsCharged,
     CreditsRefunded,
+    ProviderImage,
     TaskCompleted,
     TaskCompletedData,
     TaskFailed,
     TaskFailedData,
     TaskRequested,
     TaskRequestedData,
-    ProviderImage,
     decode_event,
 )
 from services.common import credits
