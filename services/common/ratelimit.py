@@ -30,8 +30,9 @@ Action = Literal["jobs", "uploads"]
 class RateLimited(Exception):
     def __init__(self, action: Action, limit: int, window: float, retry_after: int) -> None:
         noun = "jobs" if action == "jobs" else "uploads"
+        per = f"{int(window)}" if window == int(window) else f"{window:g}"
         super().__init__(
-            f"too many {noun}: at most {limit} per {window:g} seconds; retry in {retry_after} seconds"
+            f"too many {noun}: at most {limit} per {per} seconds; retry in {retry_after} seconds"
         )
         self.retry_after = retry_after
 

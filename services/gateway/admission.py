@@ -11,17 +11,19 @@ ledger worker publishes it (same msg id): a held job is never lost, and never he
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, status
+from fastapi import Depends, FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
 from schemas.events import TaskRequested
 from services.common import credits
+from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.config import LiveConfig
 from services.common.ratelimit import Action, RateLimited, RateLimiter
 from services.common.settings import Settings
+from services.gateway.deps import CurrentUser
 
 
 class Refused(Exception):
@@ -97,3 +99,12 @@ async def admit(request: Request, bus: Bus, event: TaskRequested) -> None:
         ) from exc
     except credits.LedgerBusy as exc:
         raise Refused(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "1"}) from exc
+
+
+async def _upload_rate_limit(request: Request, user: CurrentUser) -> Principal:
+    await rate_limit(request, "uploads", user.user_id)
+    return user
+
+
+UploadingUser = Annotated[Principal, Depends(_upload_rate_limit)]
+"""The caller of an upload route, counted against ``FLUXPIPE_RATE_UPLOADS`` (429 when over)."""
