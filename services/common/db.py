@@ -1,8 +1,9 @@
 """PostgreSQL read models (projections of the event log) and the async engine.
 
 These tables are written only by the projector (``flux_config``, ``flux_credits`` and
-``flux_credit_ledger`` too, from the configuration and credit events); Alembic migrations in ``migrations/`` are the only way their
-schema changes, and ``alembic check`` must find no drift between this module and the database.
+``flux_credit_ledger`` too, from the configuration and credit events); Alembic migrations in
+``migrations/`` are the only way their schema changes, and ``alembic check`` must find no
+drift between this module and the database.
 """
 
 from __future__ import annotations
