@@ -8,6 +8,7 @@ its own stream and subject prefix; database tests get a freshly migrated databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.common.bus import Bus
@@ -88,6 +90,8 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     bus = await Bus.connect(settings, "test")
     yield bus
     await bus.js.delete_stream(settings.stream_name)
+    with contextlib.suppress(NotFoundError):  # the gateway's rate-limit bucket, if one was made
+        await bus.js.delete_key_value(f"{settings.stream_name}_ratelimits")
     await bus.close()
 
 

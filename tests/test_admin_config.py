@@ -38,7 +38,6 @@ async def client(settings, engine, bus) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             yield client
-    await bus.js.delete_key_value(f"{settings.stream_name}_ratelimits")
 
 
 @pytest.fixture

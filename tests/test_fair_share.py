@@ -53,7 +53,6 @@ async def pipeline(settings, engine, bus, steady) -> AsyncIterator[httpx.AsyncCl
     finally:
         stop.set()
         await asyncio.gather(*workers)
-        await bus.js.delete_key_value(f"{settings.stream_name}_ratelimits")
 
 
 async def test_a_flooding_user_does_not_make_another_wait(pipeline, settings, bus):

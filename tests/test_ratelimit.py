@@ -16,7 +16,6 @@ async def limiter(settings, bus) -> AsyncIterator[RateLimiter]:
     settings.rate_limit_uploads, settings.rate_limit_jobs, settings.rate_limit_window = 3, 0, 10**7
     first = await RateLimiter.open(bus, settings)
     yield first
-    await bus.js.delete_key_value(f"{settings.stream_name}_ratelimits")
 
 
 async def test_concurrent_uploads_get_exactly_the_limit(limiter, bus, settings):

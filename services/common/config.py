@@ -58,6 +58,15 @@ def _fernet(settings: Settings) -> Fernet:
         raise ConfigKeyError("FLUXPIPE_CONFIG_KEY is not a Fernet key (32 url-safe base64 bytes)") from exc
 
 
+def check_config_key(settings: Settings) -> None:
+    """Refuse to start with a ``FLUXPIPE_CONFIG_KEY`` that is set but is no Fernet key."""
+    if settings.config_key.get_secret_value():
+        try:
+            _fernet(settings)
+        except ConfigKeyError as exc:
+            raise RuntimeError(str(exc)) from exc
+
+
 def encrypt_key(settings: Settings, api_key: str) -> str:
     return _fernet(settings).encrypt(api_key.encode()).decode()
 

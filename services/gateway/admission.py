@@ -20,7 +20,7 @@ from schemas.events import TaskRequested
 from services.common import credits
 from services.common.auth import Principal
 from services.common.bus import Bus
-from services.common.config import LiveConfig
+from services.common.config import LiveConfig, check_config_key
 from services.common.ratelimit import Action, RateLimited, RateLimiter
 from services.common.settings import Settings
 from services.gateway.deps import CurrentUser
@@ -41,6 +41,7 @@ class Refused(Exception):
 
 async def start(app: FastAPI, settings: Settings, bus: Bus) -> None:
     """Follow the live configuration and open the rate limiter (called from the lifespan)."""
+    check_config_key(settings)
     live = LiveConfig(settings)
     await live.start(bus)
     app.state.live_config = live
