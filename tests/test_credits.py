@@ -13,7 +13,10 @@ from sqlalchemy import text
 
 from schemas.events import (
     CreditsCharged,
+    CreditsHeld,
+    CreditsHeldData,
     CreditsRefunded,
+    CreditsSettledData,
     ProviderImage,
     TaskCompleted,
     TaskCompletedData,
@@ -22,6 +25,8 @@ from schemas.events import (
     TaskRequested,
     TaskRequestedData,
     decode_event,
+    encode_event,
+    ledger_token,
 )
 from services.common import credits
 from services.common.bus import Bus
@@ -93,6 +98,67 @@ async def test_a_failed_task_is_refunded_exactly_once_when_its_event_is_redelive
     assert (await credits.read_ledger(bus, "alice")).balance == 5
     assert not await credits.settle(bus, job.task_id, "alice", succeeded=True)  # no charge after it
     assert not [e for e in await ledger_events(bus, "alice") if isinstance(e, CreditsCharged)]
+
+
+async def test_a_fresh_ledger_consumer_redelivered_every_terminal_event_changes_nothing(settings, bus):
+    """The whole terminal history delivered again (a new durable starts from the first event)."""
+    await credits.grant(bus, "alice", 6, "welcome", actor="root")
+    ok, bad = request(), request()
+    for job in (ok, bad):
+        await credits.hold(bus, job, 3, max_open=0)
+        await bus.publish(job)
+    await bus.publish(
+        TaskCompleted.caused_by(
+            ok, TaskCompletedData(request_id="r", images=(ProviderImage(url="http://x"),))
+        )
+    )
+    await bus.publish(TaskFailed.caused_by(bad, TaskFailedData(stage="poll", error="gone")))
+
+    async def drained() -> bool:
+        try:
+            info = await bus.js.consumer_info(bus.stream, "ledger")
+        except Exception:
+            return False
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    for _ in range(2):
+        stop = asyncio.Event()
+        runner = asyncio.create_task(ledger_worker.main(settings, stop))
+        await wait_for(drained)
+        stop.set()
+        await runner
+        after = await credits.read_ledger(bus, "alice")
+        assert (after.balance, after.used, after.open_tasks) == (3, 3, {})
+        await bus.js.delete_consumer(bus.stream, "ledger")
+    kinds = [type(e).__name__ for e in await ledger_events(bus, "alice")]
+    assert kinds.count("CreditsCharged") == 1 and kinds.count("CreditsRefunded") == 1
+
+
+def test_ledger_subjects_and_msg_ids_are_safe_and_keyed_by_task():
+    job = request("alice@example.com")
+    held = CreditsHeld(
+        task_id=job.task_id,
+        user_id=job.user_id,
+        data=CreditsHeldData(balance_after=0, used_after=0, amount=1, model="m", request=job),
+    )
+    token = ledger_token("alice@example.com")
+    assert token.startswith("h-") and "." not in token and ledger_token("h-x") != "h-x"
+    assert held.subject("flux") == f"flux.credits.{token}" and ledger_token("bob_1") == "bob_1"
+    assert held.msg_id == f"credits.{job.task_id}.held"
+    charged = CreditsCharged(
+        task_id=job.task_id,
+        user_id=job.user_id,
+        data=CreditsSettledData(balance_after=0, used_after=1, amount=1),
+    )
+    refunded = CreditsRefunded(
+        task_id=job.task_id,
+        user_id=job.user_id,
+        data=CreditsSettledData(balance_after=1, used_after=0, amount=1),
+    )
+    assert charged.msg_id == refunded.msg_id == f"credits.{job.task_id}.settled"
+    assert decode_event(encode_event(held)) == held
+    with pytest.raises(ValueError):
+        CreditsSettledData(balance_after=-1, used_after=0, amount=1)
 
 
 async def test_concurrent_holds_never_overspend(bus):
