@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
-from nats.js import api
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from pydantic import SecretStr
 
@@ -130,7 +131,7 @@ class LiveConfig:
     credit_costs: dict[str, int] = field(default_factory=dict)
     seq: int = 0
     listeners: list[Listener] = field(default_factory=list)
-    _sub: object | None = None
+    _sub: JetStreamContext.PushSubscription | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def cost_of(self, model: str) -> int:
@@ -146,10 +147,7 @@ class LiveConfig:
         if data is not None:
             await self.apply(seq, data)
 
-        async def on_msg(msg: object) -> None:
-            from nats.aio.msg import Msg
-
-            assert isinstance(msg, Msg)
+        async def on_msg(msg: Msg) -> None:
             try:
                 event = decode_event(msg.data)
             except Exception:
@@ -169,7 +167,7 @@ class LiveConfig:
     async def stop(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
+                await self._sub.unsubscribe()
 
     async def apply(self, seq: int, data: ConfigChangedData) -> None:
         """Take a configuration newer than the one applied; older or equal ones change nothing."""
