@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/fluxpipe up $(ARGS)
 
-test: $(STAMP)
+# Debian's Chromium for the page tests (Playwright drives /usr/bin/chromium; no browser download).
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	./scripts/install-browser.sh
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)

@@ -137,6 +137,8 @@ async def test_disabled_answers_new_jobs_503_and_enabled_again_accepts(client, r
     r = await job(client, alice)
     assert r.status_code == 503 and "turned off by an administrator" in r.json()["message"]
     assert r.headers["retry-after"]
+    r = await client.post("/v1/images/generations", json={"prompt": "a kite"}, headers=alice)
+    assert r.status_code == 503 and "turned off by an administrator" in r.json()["error"]["message"]
     await client.put("/api/flux/admin/config", json={"enabled": True}, headers=root)
     assert (await job(client, alice)).status_code == 202
 
@@ -160,6 +162,11 @@ async def test_credits_402_with_the_balance_then_grant_then_spend(client, root, 
     assert r.json()["balance"] == 0 and r.json()["cost"] == 3
     assert r.json()["message"] == "this job costs 3 credits and your balance is 0"
 
+    r = await client.post("/v1/images/generations", json={"prompt": "a kite"}, headers=alice)
+    assert (
+        r.status_code == 402
+        and r.json()["error"]["message"] == "this job costs 3 credits and your balance is 0"
+    )
     r = await client.post(
         "/api/flux/admin/credits/alice", json={"amount": 4, "reason": "trial credits"}, headers=root
     )

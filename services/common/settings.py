@@ -44,6 +44,11 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
 
+    openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
+    openai_model_aliases: dict[str, str] = Field(
+        default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
+    )
+
     config_key: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_CONFIG_KEY")
     rate_limit_window: float = Field(60.0, gt=0, validation_alias="FLUXPIPE_RATE_WINDOW")
     rate_limit_jobs: int = Field(60, ge=0, validation_alias="FLUXPIPE_RATE_JOBS")

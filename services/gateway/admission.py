@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 
 from schemas.events import TaskRequested
@@ -26,16 +26,15 @@ from services.common.settings import Settings
 from services.gateway.deps import CurrentUser
 
 
-class Refused(Exception):
-    """A JSON error answer with ``message`` and extra fields (e.g. the balance on a 402)."""
+class Refused(HTTPException):
+    """A JSON error answer with ``message`` and extra fields (e.g. the balance on a 402). An
+    ``HTTPException``, so routes with their own error shape (OpenAI's) convert it like any other."""
 
     def __init__(
         self, status_code: int, message: str, headers: dict[str, str] | None = None, **extra: Any
     ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+        super().__init__(status_code, message, headers)
         self.message = message
-        self.headers = headers
         self.extra = extra
 
 
