@@ -39,3 +39,13 @@ async def test_concurrent_uploads_get_exactly_the_limit(limiter, bus, settings):
 async def test_a_limit_of_zero_is_off(limiter):
     for _ in range(10):
         await limiter.take("jobs", "alice")
+
+
+async def test_a_bucket_lost_with_a_nats_restart_is_made_again(limiter, bus, settings):
+    """Memory storage: a restarted NATS has no bucket; the limiter recreates it and goes on."""
+    await limiter.take("uploads", "alice")
+    await bus.js.delete_key_value(f"{settings.stream_name}_ratelimits")
+    for _ in range(3):
+        await limiter.take("uploads", "alice")
+    with pytest.raises(RateLimited):
+        await limiter.take("uploads", "alice")

@@ -4,7 +4,8 @@ Each (action, user, window) is one key of the bucket ``<stream>_ratelimits`` who
 the count so far; it is raised by compare-and-set on the key's revision, so concurrent gateway
 processes never both take the last unit. Entries expire with the bucket's ``max_age`` (two
 windows), so nothing has to be cleaned up. The bucket is in memory: a NATS restart forgives
-the current window, which is the right trade for a limit against abuse.
+the current window, which is the right trade for a limit against abuse; a limiter that finds
+its bucket gone makes it again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+)
 from nats.js.kv import KeyValue
 
 from schemas.events import ledger_token
@@ -42,22 +48,11 @@ class RateLimiter:
     kv: KeyValue
     settings: Settings
 
+    bus: Bus
+
     @classmethod
     async def open(cls, bus: Bus, settings: Settings) -> RateLimiter:
-        name = f"{bus.stream}_ratelimits"
-        try:
-            kv = await bus.js.key_value(name)
-        except BucketNotFoundError:
-            kv = await bus.js.create_key_value(
-                api.KeyValueConfig(
-                    bucket=name,
-                    history=1,
-                    ttl=2 * settings.rate_limit_window,
-                    storage=api.StorageType.MEMORY,
-                    replicas=settings.stream_replicas,
-                )
-            )
-        return cls(kv, settings)
+        return cls(await _bucket(bus, settings), settings, bus)
 
     def limit_of(self, action: Action) -> int:
         return self.settings.rate_limit_jobs if action == "jobs" else self.settings.rate_limit_uploads
@@ -81,6 +76,9 @@ class RateLimiter:
                     return
                 except KeyWrongLastSequenceError:
                     continue
+                except NoStreamResponseError:  # the bucket is gone (a NATS restart): make it again
+                    self.kv = await _bucket(self.bus, self.settings)
+                    continue
             count = int(entry.value or b"0")
             if count >= limit:
                 raise RateLimited(action, limit, window, max(1, math.ceil((index + 1) * window - now)))
@@ -90,3 +88,19 @@ class RateLimiter:
             except KeyWrongLastSequenceError:
                 await asyncio.sleep(random.uniform(0, min(0.002 * attempt, 0.05)))
         raise RateLimited(action, limit, window, 1)
+
+
+async def _bucket(bus: Bus, settings: Settings) -> KeyValue:
+    name = f"{bus.stream}_ratelimits"
+    try:
+        return await bus.js.key_value(name)
+    except BucketNotFoundError:
+        return await bus.js.create_key_value(
+            api.KeyValueConfig(
+                bucket=name,
+                history=1,
+                ttl=2 * settings.rate_limit_window,
+                storage=api.StorageType.MEMORY,
+                replicas=settings.stream_replicas,
+            )
+        )
