@@ -303,28 +303,29 @@ class CreditsHeld(_LedgerEvent):
         return f"credits.{self.task_id}.held"
 
 
-class CreditsCharged(_LedgerEvent):
+class _Settled(_LedgerEvent):
+    """A charge or a refund: they share the msg id ``credits.<task>.settled``, so whichever is
+    published first is the only one the server keeps (within the duplicate window)."""
+
+    data: CreditsSettledData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.{self.task_id}.settled"
+
+
+class CreditsCharged(_Settled):
     """The held cost of a task that succeeded, spent for good."""
 
     token: ClassVar[str] = "charged"
     type: Literal["credits.charged"] = "credits.charged"
-    data: CreditsSettledData
-
-    @property
-    def msg_id(self) -> str:
-        return f"credits.{self.task_id}.settled"
 
 
-class CreditsRefunded(_LedgerEvent):
+class CreditsRefunded(_Settled):
     """The held cost of a task that failed or was cancelled, given back."""
 
     token: ClassVar[str] = "refunded"
     type: Literal["credits.refunded"] = "credits.refunded"
-    data: CreditsSettledData
-
-    @property
-    def msg_id(self) -> str:
-        return f"credits.{self.task_id}.settled"
 
 
 LedgerEvent = CreditsGranted | CreditsHeld | CreditsCharged | CreditsRefunded

@@ -48,6 +48,20 @@ async def ledger_events(bus: Bus, user: str) -> list:
     return [decode_event(d) async for _, _, d in bus.iter_raw(credits.ledger_subject(bus, user))]
 
 
+async def two_jobs_that_end(bus: Bus, balance: int, cost: int) -> tuple[TaskRequested, TaskRequested]:
+    """Alice gets ``balance``; two jobs hold ``cost`` each; the first completes, the second fails."""
+    await credits.grant(bus, "alice", balance, "welcome", actor="root")
+    ok, bad = request(), request()
+    for job in (ok, bad):
+        await credits.hold(bus, job, cost, max_open=0)
+        await bus.publish(job)
+    assert (await credits.read_ledger(bus, "alice")).balance == balance - 2 * cost
+    image = ProviderImage(url="http://x/1.jpg")
+    await bus.publish(TaskCompleted.caused_by(ok, TaskCompletedData(request_id="r1", images=(image,))))
+    await bus.publish(TaskFailed.caused_by(bad, TaskFailedData(stage="submit", error="boom")))
+    return ok, bad
+
+
 @pytest.fixture
 async def ledger_running(settings, bus) -> AsyncIterator[None]:
     stop = asyncio.Event()
@@ -58,19 +72,7 @@ async def ledger_running(settings, bus) -> AsyncIterator[None]:
 
 
 async def test_cost_is_held_then_charged_on_success_and_refunded_on_failure(bus, ledger_running):
-    await credits.grant(bus, "alice", 10, "welcome", actor="root")
-    ok, bad = request(), request()
-    for job in (ok, bad):
-        await credits.hold(bus, job, 3, max_open=0)
-        await bus.publish(job)
-    assert (await credits.read_ledger(bus, "alice")).balance == 4
-
-    await bus.publish(
-        TaskCompleted.caused_by(
-            ok, TaskCompletedData(request_id="r1", images=(ProviderImage(url="http://x/1.jpg"),))
-        )
-    )
-    await bus.publish(TaskFailed.caused_by(bad, TaskFailedData(stage="submit", error="boom")))
+    ok, bad = await two_jobs_that_end(bus, balance=10, cost=3)
 
     async def settled() -> bool:
         return not (await credits.read_ledger(bus, "alice")).open_tasks
@@ -102,17 +104,7 @@ async def test_a_failed_task_is_refunded_exactly_once_when_its_event_is_redelive
 
 async def test_a_fresh_ledger_consumer_redelivered_every_terminal_event_changes_nothing(settings, bus):
     """The whole terminal history delivered again (a new durable starts from the first event)."""
-    await credits.grant(bus, "alice", 6, "welcome", actor="root")
-    ok, bad = request(), request()
-    for job in (ok, bad):
-        await credits.hold(bus, job, 3, max_open=0)
-        await bus.publish(job)
-    await bus.publish(
-        TaskCompleted.caused_by(
-            ok, TaskCompletedData(request_id="r", images=(ProviderImage(url="http://x"),))
-        )
-    )
-    await bus.publish(TaskFailed.caused_by(bad, TaskFailedData(stage="poll", error="gone")))
+    await two_jobs_that_end(bus, balance=6, cost=3)
 
     async def drained() -> bool:
         try:
