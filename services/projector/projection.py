@@ -10,6 +10,8 @@ Invariants:
   two projector replicas race.
 - Terminal states never regress: a late status event after SUCCESS/FAILED/CANCELLED is ignored.
 - An event for a task whose ``TaskRequested`` was never applied changes nothing.
+- Configuration and credit events are folded in the same transaction by
+  ``services/projector/credits.py`` (``flux_config``, ``flux_credits``, ``flux_credit_ledger``).
 """
 
 from __future__ import annotations
