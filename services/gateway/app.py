@@ -23,8 +23,20 @@ from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
+from services.gateway import admission
 from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
-from services.gateway.routes import admin, events, flux, history, images, models, openai_images, uploads
+from services.gateway.routes import (
+    admin,
+    admin_config,
+    credits,
+    events,
+    flux,
+    history,
+    images,
+    models,
+    openai_images,
+    uploads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +84,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.bus = await Bus.connect(settings, "gateway")
         app.state.engine = make_engine(settings)
+        await admission.start(app, settings, app.state.bus)
         try:
             yield
         finally:
+            await admission.stop(app)
             await app.state.engine.dispose()
             await app.state.bus.close()
 
@@ -131,6 +145,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(images.router)
     app.include_router(uploads.router)
     admin.instrument(app)
+    app.include_router(credits.router)
+    app.include_router(admin_config.router)
+    admission.install(app)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
