@@ -67,9 +67,8 @@ def test_each_command_exists_in_the_cli_with_those_arguments(name: str) -> None:
 
 def test_the_cli_check_itself_refuses_what_does_not_exist() -> None:
     for wrong in (["run", "gateway", "--colour", "blue"], ["run", "teapot"], ["serve"], ["migrate", "now"]):
-        with pytest.raises(
-            Exception, match=r"No such|no command|Invalid value|unexpected extra|Got unexpected"
-        ):
+        refused = r"No such|no command|is not one of|unexpected extra|Got unexpected"
+        with pytest.raises(Exception, match=refused):
             parses(wrong)
 
 
