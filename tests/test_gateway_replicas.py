@@ -24,7 +24,7 @@ from services.common.bus import Bus
 from services.common.config import new_config_key
 from services.common.embedded import free_port
 from services.common.settings import Settings
-from tests.conftest import SECRET
+from tests.conftest import IDEMPOTENCY_SECRET, SECRET
 from tests.test_bus import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,6 +52,7 @@ def replicas(
         FLUXPIPE_STREAM=f"TEST_{tag}",
         FLUXPIPE_SUBJECT_PREFIX=f"t{tag}",
         FLUXPIPE_JWT_SECRET=SECRET,
+        FLUXPIPE_IDEMPOTENCY_SECRET=IDEMPOTENCY_SECRET,
         FLUXPIPE_CONFIG_KEY=new_config_key(),
         FLUXPIPE_STORAGE_DIR=str(tmp_path_factory.mktemp("storage")),
         FLUXPIPE_RATE_JOBS=str(RATE),
