@@ -99,9 +99,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        detail: Any = exc.detail
+        if exc.status_code == 422 and isinstance(detail, str):
+            # every 422 has pydantic's shape in ``detail``, as the OpenAPI schema promises
+            detail = [{"loc": ["request"], "msg": detail, "type": "value_error"}]
         return JSONResponse(
             status_code=exc.status_code,
-            content={"message": message, "detail": exc.detail},
+            content={"message": message, "detail": detail},
             headers=exc.headers,
         )
 

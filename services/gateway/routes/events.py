@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import nats.errors
 from fastapi import APIRouter, Header, HTTPException, Response, status
@@ -89,7 +89,12 @@ def _last_event_id(value: str | None) -> int:
     return int(value)
 
 
-@router.get("/task/{task_id}/events", response_model=None)
+SSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "server-sent events", "content": {"text/event-stream": {}}}
+}
+
+
+@router.get("/task/{task_id}/events", response_model=None, responses=SSE)
 async def task_events(
     task_id: str,
     user: CurrentUser,
@@ -121,7 +126,7 @@ async def task_events(
     return EventSourceResponse(stream(), ping=PING_SECONDS)
 
 
-@router.get("/events", response_model=None)
+@router.get("/events", response_model=None, responses=SSE)
 async def my_events(
     user: CurrentUser,
     bus: BusDep,
