@@ -22,7 +22,7 @@ from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
-from services.gateway.routes import flux
+from services.gateway.routes import flux, tasks, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(status_code=200 if all(checks.values()) else 503, content=checks)
 
     app.include_router(flux.router)
+    app.include_router(tasks.router)
+    app.include_router(webhooks.router)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     return app

@@ -86,6 +86,7 @@ def new_row(seq: int, event: TaskRequested) -> Row:
         "created_at": event.occurred_at,
         "updated_at": event.occurred_at,
         "completed_at": None,
+        "retry_of": d.retry_of,
     }
 
 

@@ -18,6 +18,7 @@ from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
+from services.gateway.lineage import retries_of
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
 
@@ -130,6 +131,7 @@ def _pending_from_event(event: TaskRequested) -> TaskOut:
         strength=d.strength,
         input_image_url=d.image_urls[0] if d.image_urls else None,
         created_at=event.occurred_at,
+        retry_of=d.retry_of,
     )
 
 
@@ -149,8 +151,9 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
         query = query.where(tasks.c.user_id == user.user_id)
     async with engine.connect() as conn:
         row = (await conn.execute(query)).first()
+        retried = await retries_of(conn, [task_id]) if row is not None else {}
     if row is not None:
-        return task_out(row)
+        return task_out(row).model_copy(update={"retried_by": retried.get(task_id, [])})
     if task_id.isalnum() and (pending := await _not_yet_projected(bus, task_id, user)):
         return pending
     raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
@@ -176,4 +179,6 @@ async def history(
                 .offset((page - 1) * limit)
             )
         ).all()
-    return HistoryPage(items=[task_out(r) for r in rows], total=total, page=page, limit=limit)
+        retried = await retries_of(conn, [r.id for r in rows])
+    items = [task_out(r).model_copy(update={"retried_by": retried.get(r.id, [])}) for r in rows]
+    return HistoryPage(items=items, total=total, page=page, limit=limit)
