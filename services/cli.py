@@ -305,6 +305,7 @@ def up(
             sim_port = free_port()
             env["FAL_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
             env.setdefault("FAL_KEY", "sim-" + secrets.token_hex(16))
+            env.setdefault("FAL_JWKS_URL", f"{env['FAL_BASE_URL']}/.well-known/jwks.json")
             simulator = children.spawn(Service.simulator, "--port", str(sim_port))
             wait_for_port("127.0.0.1", sim_port, 30, simulator)
         for worker in WORKERS:

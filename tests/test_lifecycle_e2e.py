@@ -243,3 +243,13 @@ def test_forged_stale_and_replayed_webhooks_are_refused(stack: Stack, fal: Fal, 
     task = httpx.get(f"{stack.url}/api/flux/task/{finished['id']}", headers=stack.auth).json()
     assert task["status"] == "SUCCESS" and task["image_url"] == finished["image_url"]
     assert story(stack, finished["id"]).count("task.completed") == 1
+
+
+def test_a_model_error_reported_by_webhook_or_poll_fails_the_task_once(
+    stack: Stack, client: httpx.Client
+) -> None:
+    task_id = submit(client, f"something forbidden {uuid.uuid4().hex}")
+    task = follow(client, task_id, {"SUCCESS", "FAILED", "CANCELLED"})[0]
+    assert task["status"] == "FAILED" and "flagged by a content checker" in task["error_message"]
+    types = story(stack, task_id)
+    assert types.count("task.failed") == 1 and "task.completed" not in types

@@ -221,6 +221,8 @@ async def on_submitted(
                     await fail("poll", exc)
                     return
                 if utcnow() >= deadline:
+                    with contextlib.suppress(FalError):
+                        await fal.cancel(event.data.cancel_url)
                     limit = settings.task_timeout_seconds
                     await fail("timeout", exc, error=f"timed out after {limit:g}s: {exc.message}")
                     return

@@ -7,7 +7,7 @@ The poller, which follows the task, wakes on that event and publishes the termin
 webhook and a poll racing each other still end the task once (``<task>.end``).
 
 Answers: 200 accepted; 401 for a forged, stale or replayed delivery, or one signed for another
-fal request than the task's; 404 for an unknown task; 413 for a body over 1 MB; 422 for a body
+fal request than the task's; 404 for an unknown task; 413 for a body over 512 kB; 422 for a body
 that is not fal's shape; 503 when fal's public keys cannot be fetched (fal retries).
 """
 
@@ -24,7 +24,7 @@ from services.gateway.deps import BusDep, SettingsDep
 
 router = APIRouter(prefix="/api/flux/webhooks", tags=["webhooks"])
 
-MAX_BODY_BYTES = 1_000_000
+MAX_BODY_BYTES = 512_000  # the event that carries it must fit a NATS message (1 MB)
 
 
 def get_verifier(request: Request, settings: SettingsDep) -> WebhookVerifier:
