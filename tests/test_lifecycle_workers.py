@@ -24,14 +24,24 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from schemas.events import FluxEvent, TaskFailed, TaskSubmitted
+from schemas.events import (
+    FluxEvent,
+    ProviderImage,
+    StorageFailed,
+    TaskCompleted,
+    TaskCompletedData,
+    TaskFailed,
+    TaskSubmitted,
+)
 from services.common.bus import Consumer
 from services.common.fal import FalClient, FalError
 from services.common.fal_webhook import InvalidWebhook, WebhookVerifier
 from services.common.result_hosts import ForeignResultHost, ResultHosts, result_client
+from services.common.storage import make_storage
 from services.poller.main import on_submitted
 from services.submitter.main import SUBMIT_GRACE, submit_budget
 from services.submitter.main import consumer as submitter_consumer
+from services.uploader.main import on_completed
 from tests.simulator_server import TEST_API_KEY, serve
 from tests.test_bus import wait_for
 from tests.test_workers import (
@@ -348,3 +358,39 @@ async def test_a_submit_that_outlives_its_budget_is_given_up_before_a_redelivery
     await runner
     await fal.aclose()
     assert await bus.last_event("slow1", "submitted") is None
+
+
+async def test_the_uploader_refuses_a_result_off_fal_hosts_and_stores_nothing(bus, settings, fast, recorders):
+    (elsewhere, recorder), _ = recorders
+    settings.fal_base_url = fast.public_url
+    completed = TaskCompleted(
+        task_id="foreign1",
+        user_id="alice",
+        data=TaskCompletedData(request_id="r", images=(ProviderImage(url=f"{elsewhere}/latest/meta-data"),)),
+    )
+    await bus.publish(requested("foreign1"))
+    await bus.publish(completed)
+
+    async with result_client(settings, follow_redirects=True) as http:
+
+        async def store(event: FluxEvent, msg: Any) -> None:
+            assert isinstance(event, TaskCompleted)
+            await on_completed(
+                event,
+                msg,
+                bus=bus,
+                storage=make_storage(settings),
+                http=http,
+                settings=settings,
+                max_deliver=3,
+            )
+
+        stop = asyncio.Event()
+        runner = asyncio.create_task(Consumer(durable="uploader", token="completed").serve(bus, store, stop))
+        await has_event(bus, "foreign1", "storage_failed")
+        stop.set()
+        await runner
+    failure = await bus.last_event("foreign1", "storage_failed")
+    assert isinstance(failure, StorageFailed) and "not one of fal's result hosts" in failure.data.error
+    assert sum(recorder.hits.values()) == 0
+    assert not settings.storage_dir.exists() or not any(settings.storage_dir.iterdir())
