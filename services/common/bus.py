@@ -343,15 +343,17 @@ class Consumer:
                 running.add(task)
                 task.add_done_callback(running.discard)
         stopping.cancel()
+        for task in [t for t in running if t in _HOLDING]:
+            task.cancel()  # only waiting on a task at fal: hand the message back now
         if running:
-            # Only waiting on a task at fal (inside ``hold``): hand the message back now, also
-            # for a handler that gets there during the grace (a submit that just finished).
             loop = asyncio.get_running_loop()
             end, late = loop.time() + self.grace, set(running)
-            while late and (left := end - loop.time()) > 0:
+            while True:
+                _, late = await asyncio.wait(late, timeout=max(0.0, min(end - loop.time(), 0.1)))
+                if not late or loop.time() >= end:
+                    break
                 for task in [t for t in late if t in _HOLDING]:
-                    task.cancel()
-                _, late = await asyncio.wait(late, timeout=min(left, 0.1))
+                    task.cancel()  # got there during the grace (a submit that just finished)
             for task in late:
                 task.cancel()
             await asyncio.gather(*running, *late, return_exceptions=True)
