@@ -44,6 +44,11 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
 
+    openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
+    openai_model_aliases: dict[str, str] = Field(
+        default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
+    )
+
     webhook_base_url: str = Field("", validation_alias="FLUXPIPE_WEBHOOK_BASE_URL")
     fal_jwks_url: str = Field(
         "https://rest.alpha.fal.ai/.well-known/jwks.json", validation_alias="FAL_JWKS_URL"
