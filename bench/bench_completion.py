@@ -28,8 +28,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -43,6 +41,7 @@ import asyncpg
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bench.bench_e2e import start_stack
 from services.common.embedded import free_port
 from services.simulator.app import SimulatorSettings, create_app
 from tests.simulator_server import serve
@@ -100,21 +99,6 @@ def simulator(queue: float, run: float) -> Iterator[tuple[str, Any, CountingFron
         yield url, sim, holder[0][1]
 
 
-def start_stack(data_dir: Path, env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip().startswith("token:"):
-            return proc, line.split()[1]
-    raise RuntimeError("fluxpipe up exited before it was ready")
-
-
 async def run_tasks(gateway: str, token: str, database_url: str, sim: Any, n: int) -> list[float]:
     """Submit ``n`` jobs at once; per task, seconds from fal finishing to SUCCESS in the read model."""
     async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {token}"}) as http:
@@ -133,7 +117,7 @@ async def run_tasks(gateway: str, token: str, database_url: str, sim: Any, n: in
             rows = await conn.fetch(
                 "select id, request_id, status from flux_tasks where id = any($1::text[])", ids
             )
-            now = time.monotonic()
+            now = time.time()  # the simulator's clock: wall time
             for row in rows:
                 if row["id"] not in seen and row["status"] in ("SUCCESS", "FAILED", "CANCELLED"):
                     if row["status"] != "SUCCESS":
@@ -160,7 +144,7 @@ def measure(name: str, extra: dict[str, str], n: int, queue: float, run: float, 
                 FAL_JWKS_URL=f"{sim_url}/.well-known/jwks.json",
             )
         data_dir = root / name.split()[0]
-        proc, token = start_stack(data_dir, env, port)
+        proc, _, _, token = start_stack(data_dir, env, port)
         try:
             database_url = json.loads((data_dir / "runtime.json").read_text())["DATABASE_URL"]
             gateway = f"http://127.0.0.1:{port}"

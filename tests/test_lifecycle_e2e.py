@@ -1,13 +1,16 @@
 """Cancel, retry and fal's webhooks through the whole stack (``fluxpipe up``), over HTTP.
 
-The provider is the fal simulator on a real socket in this process, so the tests can see what
-fal saw (which requests, whether one was cancelled) and sign webhook deliveries with its key.
+The provider is the fal simulator on a real socket in this process, behind a door that records
+what was submitted to it; its JWKS (as the gateway fetches it) also carries a key of the test's
+own, so the tests can sign deliveries the way fal does.
 The stack runs one task at fal at a time, gets fal's webhooks at its gateway, and also polls
 quickly, so webhooks and polling race on every task.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -18,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from starlette.types import ASGIApp
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.embedded import free_port
 from services.simulator.app import SimulatorSettings, create_app
@@ -29,42 +34,85 @@ pytestmark = pytest.mark.timeout(300)
 
 
 class Fal:
-    """The simulator as the tests see it: its URL and its in-memory queue."""
+    """The simulator as the tests see it from outside: what was submitted to it (recorded at its
+    door), its answers over HTTP, and a JWKS that also holds a key of ours, so the tests can
+    sign deliveries as fal would (the gateway accepts any key of the JWKS, as fal documents)."""
 
-    def __init__(self, url: str, app: Any) -> None:
-        self.url = url
-        self.sim = app.state.simulator
+    def __init__(self, url: str, jwks_url: str, key: Ed25519PrivateKey, prompts: list[str]) -> None:
+        self.url, self.jwks_url, self.key, self.prompts = url, jwks_url, key, prompts
 
-    def requests_for(self, prompt: str) -> list[Any]:
-        return [r for r in list(self.sim.requests.values()) if r.arguments.get("prompt") == prompt]
+    def submitted(self, prompt: str) -> int:
+        return self.prompts.count(prompt)
+
+    def status(self, request_id: str) -> dict:
+        url = f"{self.url}/fal-ai/flux-1/requests/{request_id}/status"
+        return httpx.get(url, headers={"Authorization": f"Key {FAL_KEY}"}).json()
 
     def sign(
         self, body: bytes, request_id: str, *, at: float | None = None, key: Ed25519PrivateKey | None = None
     ) -> dict[str, str]:
         ts = str(int(time.time() if at is None else at))
-        message = "\n".join([request_id, "simulator", ts, hashlib.sha256(body).hexdigest()]).encode()
+        message = "\n".join([request_id, "fal-user", ts, hashlib.sha256(body).hexdigest()]).encode()
         return {
             "Content-Type": "application/json",
             "X-Fal-Webhook-Request-Id": request_id,
-            "X-Fal-Webhook-User-Id": "simulator",
+            "X-Fal-Webhook-User-Id": "fal-user",
             "X-Fal-Webhook-Timestamp": ts,
-            "X-Fal-Webhook-Signature": (key or self.sim.signing_key).sign(message).hex(),
+            "X-Fal-Webhook-Signature": (key or self.key).sign(message).hex(),
         }
+
+
+def recording_submits(app: ASGIApp, prompts: list[str]) -> ASGIApp:
+    """``app`` behind a door that notes the prompt of every submit (POST) it lets through."""
+
+    async def door(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        raw = b"".join(chunks)
+        with contextlib.suppress(ValueError, AttributeError):
+            prompts.append(json.loads(raw).get("prompt"))
+
+        async def replay() -> Message:
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        await app(scope, replay, send)
+
+    return door
 
 
 @pytest.fixture(scope="module")
 def fal() -> Iterator[Fal]:
-    apps: list[Any] = []
+    prompts: list[str] = []
+    ours = Ed25519PrivateKey.generate()
 
-    def build(base_url: str) -> ASGIApp:
-        app = create_app(
-            SimulatorSettings(api_key=FAL_KEY, public_url=base_url, queue_seconds=0.3, run_seconds=3.0)
-        )
-        apps.append(app)
-        return app
+    def build_simulator(base_url: str) -> ASGIApp:
+        settings = SimulatorSettings(api_key=FAL_KEY, public_url=base_url, queue_seconds=0.3, run_seconds=3.0)
+        return recording_submits(create_app(settings), prompts)
 
-    with serve(build) as url:
-        yield Fal(url, apps[0])
+    with serve(build_simulator) as sim_url:
+
+        def build_jwks(_: str) -> ASGIApp:
+            app = FastAPI()
+
+            @app.get("/.well-known/jwks.json")
+            async def jwks() -> dict[str, Any]:
+                async with httpx.AsyncClient() as http:
+                    theirs = (await http.get(f"{sim_url}/.well-known/jwks.json")).json()["keys"]
+                raw = ours.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+                x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+                return {"keys": [*theirs, {"kty": "OKP", "crv": "Ed25519", "x": x}]}
+
+            return app
+
+        with serve(build_jwks) as jwks_base:
+            yield Fal(sim_url, f"{jwks_base}/.well-known/jwks.json", ours, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +123,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fal: Fal) -> Iterator[Stack]
         port=port,
         extra_env={
             "FAL_BASE_URL": fal.url,
-            "FAL_JWKS_URL": f"{fal.url}/.well-known/jwks.json",
+            "FAL_JWKS_URL": fal.jwks_url,
             "FLUXPIPE_WEBHOOK_BASE_URL": f"http://127.0.0.1:{port}",
             "FLUXPIPE_MAX_CONCURRENT_TASKS": "1",
             "FLUXPIPE_POLL_MAX": "0.3",
@@ -141,14 +189,16 @@ def test_cancel_before_and_during_generation(stack: Stack, client: httpx.Client,
     assert follow(client, waiting, {"CANCELLED", "SUCCESS", "FAILED"})[0]["status"] == "CANCELLED"
     task = follow(client, running, {"CANCELLED", "SUCCESS", "FAILED"})[0]
     assert task["status"] == "CANCELLED" and task["completed_at"] is not None
-    at_fal = wait_until(lambda: fal.requests_for(running_prompt), "the running task at fal")
-    assert len(at_fal) == 1
-    wait_until(lambda: at_fal[0].termination == "cancelled", "fal shows the running task cancelled")
-    assert fal.requests_for(waiting_prompt) == []  # the waiting one never reached fal
+    assert fal.submitted(running_prompt) == 1
+    request_id = task["request_id"]
+    wait_until(
+        lambda: fal.status(request_id).get("error_type") == "request_cancelled", "fal shows it cancelled"
+    )
+    assert fal.submitted(waiting_prompt) == 0  # the waiting one never reached fal
 
     after = submit(client, f"after {uuid.uuid4().hex}")  # the slot was given back
     assert follow(client, after, {"SUCCESS", "FAILED", "CANCELLED"})[0]["status"] == "SUCCESS"
-    assert fal.requests_for(waiting_prompt) == []
+    assert fal.submitted(waiting_prompt) == 0
     assert story(stack, running).count("task.cancelled") == 1
     assert story(stack, waiting) == ["task.requested", "task.cancelled"]
 

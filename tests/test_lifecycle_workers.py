@@ -235,6 +235,20 @@ def test_the_tolerance_must_be_shorter_than_the_duplicate_window():
 # --- the poller after the deadline --------------------------------------------------------------
 
 
+async def poll_until(bus: Any, fal: FalClient, settings: Any, task_id: str, token: str) -> None:
+    """Run a poller until the task has an event of kind ``token``."""
+
+    async def follow(event: FluxEvent, msg: Any) -> None:
+        assert isinstance(event, TaskSubmitted)
+        await on_submitted(event, msg, bus=bus, fal=fal, settings=settings)
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(Consumer(durable="poller", token="submitted").serve(bus, follow, stop))
+    await has_event(bus, task_id, token)
+    stop.set()
+    await runner
+
+
 async def test_a_poller_back_after_the_deadline_collects_a_job_fal_finished(bus, settings, fast):
     async with FalClient(fast.public_url, TEST_API_KEY) as fal:
         submitted = await submit_directly(bus, fal, "late1")
@@ -247,16 +261,7 @@ async def test_a_poller_back_after_the_deadline_collects_a_job_fal_finished(bus,
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         settings.task_timeout_seconds = 0.01  # long past by the time a poller comes back
-
-        async def follow(event: FluxEvent, msg: Any) -> None:
-            assert isinstance(event, TaskSubmitted)
-            await on_submitted(event, msg, bus=bus, fal=fal, settings=settings)
-
-        stop = asyncio.Event()
-        runner = asyncio.create_task(Consumer(durable="poller", token="submitted").serve(bus, follow, stop))
-        await has_event(bus, "late1", "completed")
-        stop.set()
-        await runner
+        await poll_until(bus, fal, settings, "late1", "completed")
     assert await types_of(bus, "late1") == ["task.requested", "task.submitted", "task.completed"]
 
 
@@ -264,16 +269,7 @@ async def test_a_poller_back_after_the_deadline_fails_and_cancels_an_unfinished_
     settings.task_timeout_seconds = 0.01
     async with FalClient(parked.public_url, TEST_API_KEY) as fal:
         submitted = await submit_directly(bus, fal, "late2")
-
-        async def follow(event: FluxEvent, msg: Any) -> None:
-            assert isinstance(event, TaskSubmitted)
-            await on_submitted(event, msg, bus=bus, fal=fal, settings=settings)
-
-        stop = asyncio.Event()
-        runner = asyncio.create_task(Consumer(durable="poller", token="submitted").serve(bus, follow, stop))
-        await has_event(bus, "late2", "failed")
-        stop.set()
-        await runner
+        await poll_until(bus, fal, settings, "late2", "failed")
         status = await fal.status(submitted.data.status_url)
     failure = await bus.last_event("late2", "failed")
     assert isinstance(failure, TaskFailed) and failure.data.stage == "timeout"
