@@ -31,7 +31,14 @@ def setup_logging(settings: Settings, service: str) -> None:
     handler.setFormatter(
         RedactingFormatter(
             f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-            [settings.fal_key.get_secret_value(), settings.jwt_secret.get_secret_value()],
+            [
+                settings.fal_key.get_secret_value(),
+                settings.jwt_secret.get_secret_value(),
+                settings.idempotency_secret.get_secret_value(),
+                settings.nats_password.get_secret_value(),
+                settings.webui_secret_key.get_secret_value(),
+                settings.webui_forwarded_jwt_secret.get_secret_value(),
+            ],
         )
     )
     root = logging.getLogger()
