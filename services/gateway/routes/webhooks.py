@@ -83,7 +83,36 @@ def _parse(body: bytes, request_id: str, delivery: str) -> WebhookReceivedData:
     )
 
 
-@router.post("/fal/{task_id}")
+WEBHOOK_BODY = {
+    "type": "object",
+    "required": ["request_id", "status"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "gateway_request_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["OK", "ERROR"]},
+        "payload": {"type": ["object", "null"]},
+        "error": {"type": "string"},
+        "payload_error": {"type": "string"},
+    },
+}
+WEBHOOK_HEADERS = [
+    {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+    for name in (
+        "X-Fal-Webhook-Request-Id",
+        "X-Fal-Webhook-User-Id",
+        "X-Fal-Webhook-Timestamp",
+        "X-Fal-Webhook-Signature",
+    )
+]
+
+
+@router.post(
+    "/fal/{task_id}",
+    openapi_extra={
+        "parameters": WEBHOOK_HEADERS,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": WEBHOOK_BODY}}},
+    },
+)
 async def fal_webhook(task_id: str, request: Request, bus: BusDep, verifier: VerifierDep) -> dict[str, str]:
     """Receive fal's signed completion webhook for one task (no bearer token: fal signs it)."""
     body = await _read_body(request)
