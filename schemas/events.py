@@ -14,6 +14,8 @@ de-duplication window.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 from uuid import UUID, uuid4
@@ -219,6 +221,85 @@ class TaskCancelled(FluxEvent):
     data: TaskCancelledData
 
 
+# --- the unified history: other generators' items, and hiding an item ----------------------
+#
+# Not about one of our tasks: ``task_id`` is the item's id in its generator (for a Flux item,
+# our task id). They live on ``<prefix>.history.<source>.<item>.<token>``, which the projector
+# follows and no worker consumes.
+
+HistorySource = Literal["flux", "midjourney", "jimeng"]
+ExternalSource = Literal["midjourney", "jimeng"]
+_SUBJECT_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def subject_token(item_id: str) -> str:
+    """``item_id`` as one subject token: itself when it is safe there, else a digest of it."""
+    if _SUBJECT_SAFE.fullmatch(item_id):
+        return item_id
+    return "h" + hashlib.sha256(item_id.encode()).hexdigest()[:40]
+
+
+class HistoryItemRecordedData(_Frozen):
+    source: ExternalSource
+    status: TaskStatus
+    model: str | None = None
+    prompt: str | None = None
+    image_url: str | None = Field(None, description="the generator's (provider's) image URL")
+    cloud_image_url: str | None = Field(None, description="our storage's copy, preferred when present")
+    created_at: datetime
+
+
+class HistoryItemHiddenData(_Frozen):
+    source: HistorySource
+
+
+class HistoryEvent(FluxEvent):
+    """An event of the unified history, on ``<prefix>.history.<source>.<item>.<token>``."""
+
+    @property
+    def source(self) -> str:
+        raise NotImplementedError
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.history.{self.source}.{subject_token(self.task_id)}.{self.token}"
+
+    @property
+    def msg_id(self) -> str:
+        return f"history.{self.source}.{subject_token(self.task_id)}.{self.token}"
+
+
+class HistoryItemRecorded(HistoryEvent):
+    """An item of another generator (Midjourney, Jimeng), as its backend or an import saw it.
+
+    ``msg_id`` carries a digest of the data: the same item recorded twice with the same data is
+    one event, a changed item (a later status, a stored copy) is a new one."""
+
+    token: ClassVar[str] = "recorded"
+    type: Literal["history.item_recorded"] = "history.item_recorded"
+    data: HistoryItemRecordedData
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+    @property
+    def msg_id(self) -> str:
+        digest = hashlib.sha256(self.data.model_dump_json().encode()).hexdigest()[:16]
+        return f"{super().msg_id}.{digest}"
+
+
+class HistoryItemHidden(HistoryEvent):
+    """The item's owner (``user_id``) hid it from their unified history."""
+
+    token: ClassVar[str] = "hidden"
+    type: Literal["history.item_hidden"] = "history.item_hidden"
+    data: HistoryItemHiddenData
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+
 class WebhookReceived(FluxEvent):
     """fal said the task's request ended (verified webhook); the poller turns it into the
     terminal event. Repeatable (fal retries deliveries), one per signed delivery."""
@@ -241,6 +322,8 @@ EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     ImagesStored,
     StorageFailed,
     TaskCancelled,
+    HistoryItemRecorded,
+    HistoryItemHidden,
     WebhookReceived,
 )
 TERMINAL_TOKENS: tuple[str, ...] = tuple(t.token for t in EVENT_TYPES if t.terminal)
@@ -255,6 +338,8 @@ AnyEvent = Annotated[
     | ImagesStored
     | StorageFailed
     | TaskCancelled
+    | HistoryItemRecorded
+    | HistoryItemHidden
     | WebhookReceived,
     Field(discriminator="type"),
 ]

@@ -422,5 +422,15 @@ def _wait_ready(gateway: str, children: Supervisor, timeout: float = 90) -> None
     raise TimeoutError(f"gateway not ready at {gateway} after {timeout}s")
 
 
+from services.ingest import commands as ingest_commands  # noqa: E402
+
+app.command("ingest")(ingest_commands.ingest)
+app.command("import-openwebui")(ingest_commands.import_openwebui)
+from services.ops import commands as ops  # noqa: E402  (operators' commands, registered here)
+
+app.command()(ops.replay)
+app.add_typer(ops.dlq_app, name="dlq")
+app.command()(ops.stuck)
+
 if __name__ == "__main__":
     app()

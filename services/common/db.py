@@ -107,6 +107,7 @@ class FluxTask(Base):
     )
     updated_at: Mapped[datetime] = _updated()
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failure_stage: Mapped[str | None] = mapped_column(String(20))
     retry_of: Mapped[str | None] = mapped_column(String(64), index=True)
 
     __table_args__ = (Index("ix_flux_tasks_user_id_created_at", "user_id", "created_at"),)
@@ -127,6 +128,7 @@ class ImageHistory(Base):
     """The unified history shared with the Midjourney and Jimeng generators.
 
     One row per finished task that has an image; each generator writes its own ``source``.
+    ``image_url`` is ours before the provider's; a hidden row stays (its owner hid it).
     """
 
     __tablename__ = "image_history"
@@ -140,11 +142,39 @@ class ImageHistory(Base):
     image_url: Mapped[str] = mapped_column(Text, nullable=False)
     images: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    tag: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="SUCCESS")
+    provider_image_url: Mapped[str | None] = mapped_column(Text)
+    hidden: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
 
+    # Keyset paging reads (created_at, id) backwards from one of these, per user, visible rows only.
     __table_args__ = (
         UniqueConstraint("source", "source_task_id"),
-        Index("ix_image_history_user_id_created_at", "user_id", "created_at"),
         Index("ix_image_history_source", "source"),
+        Index(
+            "ix_image_history_user_id_created_at_id",
+            "user_id",
+            "created_at",
+            "id",
+            postgresql_where=text("NOT hidden"),
+        ),
+        Index(
+            "ix_image_history_user_id_source_created_at_id",
+            "user_id",
+            "source",
+            "created_at",
+            "id",
+            postgresql_where=text("NOT hidden"),
+        ),
+        Index(
+            "ix_image_history_user_id_model_created_at_id",
+            "user_id",
+            "model",
+            "created_at",
+            "id",
+            postgresql_where=text("NOT hidden"),
+        ),
     )
 
 

@@ -41,6 +41,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from services.common.metrics import fal_error, fal_request
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://queue.fal.run"
@@ -272,7 +274,7 @@ class FalClient:
             raise ValueError(f"not a fal model id: {model_id!r}")
         params = {"fal_webhook": webhook_url} if webhook_url is not None else None
         response = await self._send(
-            "POST", f"{self._base_url}/{endpoint}", json_body=arguments, params=params
+            "POST", f"{self._base_url}/{endpoint}", json_body=arguments, params=params, operation="submit"
         )
         body = self._json_object(response)
         fields = ("request_id", "status_url", "response_url", "cancel_url")
@@ -296,7 +298,7 @@ class FalClient:
             if isinstance(handle_or_status_url, QueueHandle)
             else handle_or_status_url
         )
-        response = await self._send("GET", url, params={"logs": "0"})
+        response = await self._send("GET", url, params={"logs": "0"}, operation="status")
         body = self._json_object(response)
         status = body.get("status")
         if status not in _QUEUE_STATUSES:
@@ -322,12 +324,14 @@ class FalClient:
         """The model's output. A model error (422 validation, content policy, 5xx), a request that
         is not finished (400) or unknown (404) raises `FalError` with fal's message. A model's 5xx is
         final (not retried, not `retryable`); only an ingress-like 5xx is retried."""
-        return self._json_object(await self._send("GET", response_url, transient=_is_transient_result))
+        return self._json_object(
+            await self._send("GET", response_url, transient=_is_transient_result, operation="result")
+        )
 
     async def cancel(self, cancel_url: str) -> str:
         """Ask fal to cancel; returns fal's answer: `CANCELLATION_REQUESTED`, `ALREADY_COMPLETED`,
         `NOT_FOUND` or `OK`. Anything else (auth, transient failures that persist) raises."""
-        response = await self._send("PUT", cancel_url, accept=_is_cancel_answer)
+        response = await self._send("PUT", cancel_url, accept=_is_cancel_answer, operation="cancel")
         return str(response.json()["status"])
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -341,6 +345,7 @@ class FalClient:
         params: dict[str, str] | None = None,
         accept: Callable[[httpx.Response], bool] = _is_success,
         transient: Callable[[httpx.Response], bool] = _is_transient,
+        operation: str = "request",
     ) -> httpx.Response:
         """The first response that is not `transient` and that `accept` takes, retrying transient
         failures; otherwise `FalError`. Never sends anything (the key) off fal's host."""
@@ -364,10 +369,16 @@ class FalClient:
             async for attempt in retrying:
                 with attempt:
                     request = self._http.build_request(method, url, json=json_body, params=params)
-                    response = await self._http.send(request)
+                    try:
+                        with fal_request(operation):
+                            response = await self._http.send(request)
+                    except httpx.HTTPError:
+                        fal_error(operation, None)
+                        raise
                     retryable = transient(response)
                     if not retryable and accept(response):
                         return response
+                    fal_error(operation, response.status_code)
                     raise self._error_from(response, retryable=retryable)
         except httpx.HTTPError as exc:
             message = self._redact(f"{type(exc).__name__} on {method} {_without_query(url)}: {exc}")

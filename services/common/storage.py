@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from services.common.metrics import STORAGE_BYTES, STORAGE_FAILURES, STORAGE_OBJECTS
 from services.common.settings import Settings
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$")
@@ -60,5 +61,23 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+class MeteredStorage:
+    """Any backend, counting bytes and objects written and failed writes (Prometheus)."""
+
+    def __init__(self, inner: Storage, backend: str) -> None:
+        self.inner = inner
+        self.backend = backend
+
+    async def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+        try:
+            url = await self.inner.put(key, data, content_type, metadata)
+        except Exception:
+            STORAGE_FAILURES.labels(self.backend).inc()
+            raise
+        STORAGE_BYTES.labels(self.backend).inc(len(data))
+        STORAGE_OBJECTS.labels(self.backend).inc()
+        return url
+
+
 def make_storage(settings: Settings) -> Storage:
-    return LocalStorage(settings.storage_dir, settings.public_base_url)
+    return MeteredStorage(LocalStorage(settings.storage_dir, settings.public_base_url), "local")

@@ -24,7 +24,18 @@ from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
-from services.gateway.routes import flux, openai_images, tasks, webhooks
+from services.gateway.routes import (
+    admin,
+    events,
+    flux,
+    history,
+    images,
+    models,
+    openai_images,
+    tasks,
+    uploads,
+    webhooks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +138,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks.router)
     app.add_middleware(ErrorBoundary)
     app.add_middleware(BodyLimit, default=settings.body_limit_bytes, prefixes=settings.body_limit_prefixes)
+    app.include_router(history.router)
+    app.include_router(events.router)
+    app.include_router(models.router)
+    app.include_router(images.router)
+    app.include_router(uploads.router)
+    admin.instrument(app)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
