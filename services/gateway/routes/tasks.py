@@ -8,7 +8,8 @@ Both routes only publish events; they never call fal and never write a table.
   ``TaskRequested`` while it is live, wakes on the terminal event, cancels the job at fal if it
   got there, and acks, which frees the concurrency slot at once; a task still PENDING is acked
   unsubmitted when its turn comes.
-- Retry publishes a new ``TaskRequested`` with the same inputs and ``retry_of`` set; the API
+- Retry publishes a new ``TaskRequested`` with the same inputs and ``retry_of`` set, owned by
+  the caller, through the same ``accept_job`` as every submit (``Idempotency-Key``); the API
   shows ``retry_of`` on the new task and ``retried_by`` on the old one (read from the read model).
 """
 
@@ -23,7 +24,7 @@ from schemas.events import TaskCancelled, TaskCancelledData, TaskRequested, Task
 from services.common.auth import Principal
 from services.common.bus import Bus
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
-from services.gateway.routes.flux import already_requested, current_status, new_task_id
+from services.gateway.routes.flux import accept_job
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
 
@@ -83,12 +84,5 @@ async def retry_task(
             status.HTTP_409_CONFLICT,
             f"task {task_id} has not ended yet; wait for it or cancel it before retrying",
         )
-    new_id = new_task_id(original.user_id, idempotency_key, settings.jwt_secret.get_secret_value())
-    response.headers["Location"] = f"/api/flux/task/{new_id}"
     data = original.data.model_copy(update={"retry_of": task_id})
-    if idempotency_key and await already_requested(bus, new_id, data):
-        return TaskAccepted(task_id=new_id, status=await current_status(engine, new_id), model=data.model)
-    ack = await bus.publish(TaskRequested(task_id=new_id, user_id=original.user_id, data=data))
-    if ack.duplicate:
-        await already_requested(bus, new_id, data)
-    return TaskAccepted(task_id=new_id, status="PENDING", model=data.model)
+    return await accept_job(data, user, bus, engine, settings, response, idempotency_key)
