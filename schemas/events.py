@@ -10,6 +10,10 @@ filter ``<prefix>.task.<task_id>.>``. ``msg_id`` is deterministic (task, event a
 repeatable events, a sequence number; ``end`` for every terminal event) and is sent as
 ``Nats-Msg-Id`` so a publish retried after a crash is dropped by the server's
 de-duplication window.
+
+Events about no single task live on their own subjects: ``<prefix>.config.changed`` (the
+whole configuration after each change) and the per-user ledger ``<prefix>.credits.<user>``
+(every credit movement, each carrying the balance after it; see services/common/credits.py).
 """
 
 from __future__ import annotations
@@ -300,6 +304,138 @@ class HistoryItemHidden(HistoryEvent):
         return self.data.source
 
 
+# --- configuration and credits: not about one task, so on their own subjects ----------------
+#
+# ``task_id`` is ``NO_TASK`` for events that are about no task (a config change, a grant).
+
+
+NO_TASK = "-"
+
+
+class ConfigChangedData(_Frozen):
+    """The whole provider configuration after a change (not a diff), so the last message on
+    ``<prefix>.config.changed`` is all a service needs. The fal key travels only as Fernet
+    ciphertext (``api_key_encrypted``); ``None`` means "use the ``FAL_KEY`` setting"."""
+
+    base_url: str
+    enabled: bool
+    timeout: int = Field(ge=1)
+    max_concurrent_tasks: int = Field(ge=1)
+    default_model: str
+    credit_costs: dict[str, int] = Field(default_factory=dict)
+    api_key_encrypted: str | None = None
+    changed: tuple[str, ...] = ()
+
+
+class ConfigChanged(FluxEvent):
+    """An admin changed the configuration; ``user_id`` is who."""
+
+    token: ClassVar[str] = "changed"
+    type: Literal["config.changed"] = "config.changed"
+    data: ConfigChangedData
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.config.changed"
+
+    @property
+    def msg_id(self) -> str:
+        return f"config.{self.event_id}"
+
+
+class LedgerState(_Frozen):
+    """A user's ledger after a movement: what is spendable, what was ever charged, and the
+    credits held by each task not yet ended (task id -> amount; 0 when only a slot is held)."""
+
+    balance_after: int = Field(ge=0)
+    used_after: int = Field(ge=0)
+    open_after: dict[str, int] = Field(default_factory=dict)
+
+
+class CreditsGrantedData(LedgerState):
+    amount: int
+    actor: str
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class CreditsHeldData(LedgerState):
+    amount: int = Field(ge=0)
+    model: str
+    request: TaskRequested
+
+
+class CreditsSettledData(LedgerState):
+    amount: int = Field(ge=0)
+
+
+class _LedgerEvent(FluxEvent):
+    """One movement on the user's ledger subject ``<prefix>.credits.<user>``."""
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.credits.{ledger_token(self.user_id)}"
+
+
+class CreditsGranted(_LedgerEvent):
+    """An admin (``data.actor``) granted or, with a negative amount, took back credits."""
+
+    token: ClassVar[str] = "granted"
+    type: Literal["credits.granted"] = "credits.granted"
+    data: CreditsGrantedData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.granted.{self.event_id}"
+
+
+class CreditsHeld(_LedgerEvent):
+    """A job's cost held at request time; carries the request so a sweeper can publish it."""
+
+    token: ClassVar[str] = "held"
+    type: Literal["credits.held"] = "credits.held"
+    data: CreditsHeldData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.{self.task_id}.held"
+
+
+class _Settled(_LedgerEvent):
+    """A charge or a refund: they share the msg id ``credits.<task>.settled``, so whichever is
+    published first is the only one the server keeps (within the duplicate window)."""
+
+    data: CreditsSettledData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.{self.task_id}.settled"
+
+
+class CreditsCharged(_Settled):
+    """The held cost of a task that succeeded, spent for good."""
+
+    token: ClassVar[str] = "charged"
+    type: Literal["credits.charged"] = "credits.charged"
+
+
+class CreditsRefunded(_Settled):
+    """The held cost of a task that failed or was cancelled, given back."""
+
+    token: ClassVar[str] = "refunded"
+    type: Literal["credits.refunded"] = "credits.refunded"
+
+
+LedgerEvent = CreditsGranted | CreditsHeld | CreditsCharged | CreditsRefunded
+
+
+def ledger_token(user_id: str) -> str:
+    """The user's subject token: the id itself when it is a safe token, else a hash of it."""
+    if _SAFE_TOKEN.fullmatch(user_id) and not user_id.startswith("h-"):
+        return user_id
+    return "h-" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
+
+
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 class WebhookReceived(FluxEvent):
     """fal said the task's request ended (verified webhook); the poller turns it into the
     terminal event. Repeatable (fal retries deliveries), one per signed delivery."""
@@ -324,6 +460,11 @@ EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     TaskCancelled,
     HistoryItemRecorded,
     HistoryItemHidden,
+    ConfigChanged,
+    CreditsGranted,
+    CreditsHeld,
+    CreditsCharged,
+    CreditsRefunded,
     WebhookReceived,
 )
 TERMINAL_TOKENS: tuple[str, ...] = tuple(t.token for t in EVENT_TYPES if t.terminal)
@@ -340,6 +481,11 @@ AnyEvent = Annotated[
     | TaskCancelled
     | HistoryItemRecorded
     | HistoryItemHidden
+    | ConfigChanged
+    | CreditsGranted
+    | CreditsHeld
+    | CreditsCharged
+    | CreditsRefunded
     | WebhookReceived,
     Field(discriminator="type"),
 ]

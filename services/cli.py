@@ -34,6 +34,7 @@ DEFAULT_DATA_DIR = Path(".data")
 RUNTIME_FILE = "runtime.json"
 SECRET_FILE = "jwt-secret"
 IDEMPOTENCY_SECRET_FILE = "idempotency-secret"
+CONFIG_KEY_FILE = "config-key"
 
 
 class Service(StrEnum):
@@ -43,9 +44,10 @@ class Service(StrEnum):
     uploader = "uploader"
     projector = "projector"
     simulator = "simulator"
+    ledger = "ledger"
 
 
-WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader)
+WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader, Service.ledger)
 DEV_TOKEN_TTL = timedelta(days=365)
 
 
@@ -276,6 +278,7 @@ def up(
     fal simulator. Ctrl-C stops everything it started.
     """
     from services.common.auth import issue_token, load_or_create_secret
+    from services.common.config import load_or_create_config_key
     from services.common.embedded import (
         EmbeddedNats,
         EmbeddedPostgres,
@@ -313,6 +316,7 @@ def up(
             "FLUXPIPE_IDEMPOTENCY_SECRET", load_or_create_secret(data_dir / IDEMPOTENCY_SECRET_FILE)
         )
         nats_users: dict[str, str] = {}
+        env.setdefault("FLUXPIPE_CONFIG_KEY", load_or_create_config_key(data_dir / CONFIG_KEY_FILE))
         env.setdefault("FLUXPIPE_STORAGE_DIR", str(data_dir / "storage"))
         env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
         env["PYTHONUNBUFFERED"] = "1"

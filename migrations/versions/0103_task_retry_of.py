@@ -1,7 +1,7 @@
 """flux_tasks.retry_of: the task a retry was made from
 
 Revision ID: 0103
-Revises: 0107
+Revises: 0105
 Create Date: 2026-11-28 23:10:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0103"
-down_revision: str | None = "0107"
+down_revision: str | None = "0105"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -251,6 +251,16 @@ class FalClient:
     def __repr__(self) -> str:
         return f"FalClient(base_url={self._base_url!r})"
 
+    def reconfigure(self, base_url: str, api_key: str) -> None:
+        """Point later calls at another base URL and key (a configuration change); calls in
+        flight finish with the old ones."""
+        if not api_key or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+            raise ValueError("api_key is empty or not allowed in an HTTP header")
+        self._base_url = base_url.rstrip("/")
+        parts = {api_key, *(part for part in api_key.split(":") if len(part) >= 8)}
+        self._secrets = tuple(sorted({*self._secrets, *parts}, key=len, reverse=True))
+        self._http.headers["Authorization"] = f"Key {api_key}"
+
     async def __aenter__(self) -> Self:
         return self
 

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     max_upload_pixels: int = Field(25_000_000, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_PIXELS")
     trusted_image_hosts: str = Field("", validation_alias="FLUXPIPE_TRUSTED_IMAGE_HOSTS")
 
+    config_key: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_CONFIG_KEY")
+    rate_limit_window: float = Field(60.0, gt=0, validation_alias="FLUXPIPE_RATE_WINDOW")
+    rate_limit_jobs: int = Field(60, ge=0, validation_alias="FLUXPIPE_RATE_JOBS")
+    rate_limit_uploads: int = Field(30, ge=0, validation_alias="FLUXPIPE_RATE_UPLOADS")
+    max_tasks_per_user: int = Field(0, ge=0, validation_alias="FLUXPIPE_MAX_TASKS_PER_USER")
+
     webhook_base_url: str = Field("", validation_alias="FLUXPIPE_WEBHOOK_BASE_URL")
     fal_jwks_url: str = Field(
         "https://rest.alpha.fal.ai/.well-known/jwks.json", validation_alias="FAL_JWKS_URL"

@@ -23,9 +23,12 @@ from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
+from services.gateway import admission
 from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
 from services.gateway.routes import (
     admin,
+    admin_config,
+    credits,
     events,
     flux,
     history,
@@ -83,9 +86,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.bus = await Bus.connect(settings, "gateway")
         app.state.engine = make_engine(settings)
+        await admission.start(app, settings, app.state.bus)
         try:
             yield
         finally:
+            await admission.stop(app)
             await app.state.engine.dispose()
             await app.state.bus.close()
 
@@ -144,6 +149,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(images.router)
     app.include_router(uploads.router)
     admin.instrument(app)
+    app.include_router(credits.router)
+    app.include_router(admin_config.router)
+    admission.install(app)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")

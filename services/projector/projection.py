@@ -11,6 +11,8 @@ Invariants:
 - Terminal states never regress: a late status event after SUCCESS/FAILED/CANCELLED is ignored.
 - An event for a task whose ``TaskRequested`` was never applied changes nothing.
 - Images keep fal's order; each carries its ``has_nsfw_concepts`` flag, also on the stored copies.
+- Configuration and credit events are folded in the same transaction by
+  ``services/projector/credits.py`` (``flux_config``, ``flux_credits``, ``flux_credit_ledger``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from schemas.events import (
     TaskSubmitted,
 )
 from services.common.db import FluxTask, ImageHistory, ProjectorCheckpoint
+from services.projector.credits import apply_side_models
 from services.projector.history import Step, apply_history
 
 CHECKPOINT = "flux_tasks"
@@ -184,6 +187,7 @@ async def apply_batch(
             [rows[task_id] for task_id in changed],
         )
     await apply_history(conn, steps)
+    await apply_side_models(conn, pending)
     await conn.execute(
         update(checkpoints)
         .where(checkpoints.c.name == CHECKPOINT)

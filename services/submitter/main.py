@@ -48,6 +48,7 @@ from schemas.events import (
     TaskSubmitted,
     TaskSubmittedData,
 )
+from services.common import config
 from services.common.bus import Bus, Consumer, hold, origin_seq
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
@@ -211,6 +212,7 @@ async def _setup(
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
     stack.push_async_callback(fal.aclose)
     spec = consumer(settings, fal)
+    await config.follow(settings, bus, stack, fal, spec)
     return spec, partial(on_requested, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver)
 
 

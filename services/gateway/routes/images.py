@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Body, Header, Response, status
+from fastapi import APIRouter, Body, Header, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from schemas.api import InvalidJob, TaskAccepted, parse_image_job
@@ -51,6 +51,7 @@ async def image_to_image(
     engine: EngineDep,
     settings: SettingsDep,
     response: Response,
+    request: Request,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TaskAccepted:
     """Queue a job on an image model (image-to-image, redux, kontext edit, multi-image edit).
@@ -78,4 +79,4 @@ async def image_to_image(
     if errors:
         raise RequestValidationError(errors)
     data = TaskRequestedData(model=spec.id, task_type=spec.task_type, image_urls=tuple(urls), **fields)
-    return await accept_job(data, user, bus, engine, settings, response, idempotency_key)
+    return await accept_job(request, data, user, bus, engine, settings, response, idempotency_key)

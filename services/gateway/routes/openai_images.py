@@ -317,6 +317,7 @@ async def generations(
     bus: BusDep,
     engine: EngineDep,
     settings: SettingsDep,
+    request: Request,
 ) -> dict[str, Any]:
     """Generate images and answer with them once the task has ended (OpenAI's images API)."""
     model = resolve_model(settings, body.model)
@@ -329,7 +330,7 @@ async def generations(
             "invalid_value",
         )
     data = job_data(spec, prompt=body.prompt, n=body.n, size=body.size, extra=body.model_extra or {})
-    return await _run_and_answer(bus, engine, settings, user, data, body.response_format)
+    return await _run_and_answer(request, bus, engine, settings, user, data, body.response_format)
 
 
 EDIT_FIELDS = {"model", "prompt", "n", "size", "response_format", "image", "image[]", "user"}
@@ -376,15 +377,21 @@ async def edits(
     data = job_data(
         spec, prompt=text.get("prompt"), n=n, size=text.get("size"), extra=extra, image_urls=tuple(urls)
     )
-    return await _run_and_answer(bus, engine, settings, user, data, fmt)
+    return await _run_and_answer(request, bus, engine, settings, user, data, fmt)
 
 
 async def _run_and_answer(
-    bus: Bus, engine: AsyncEngine, settings: Settings, user: Principal, data: TaskRequestedData, fmt: str
+    request: Request,
+    bus: Bus,
+    engine: AsyncEngine,
+    settings: Settings,
+    user: Principal,
+    data: TaskRequestedData,
+    fmt: str,
 ) -> dict[str, Any]:
     """The task goes through ``accept_job`` like any other (idempotency, credits, limits), then
     the answer waits for its story to end."""
-    accepted = await accept_job(data, user, bus, engine, settings, Response(), None)
+    accepted = await accept_job(request, data, user, bus, engine, settings, Response(), None)
     story = await wait_for_story(bus, settings, accepted.task_id)
     async with httpx.AsyncClient(timeout=60) as http:
         entries = await image_entries(story, fmt, settings.storage_dir, http)

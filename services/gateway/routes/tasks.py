@@ -9,7 +9,8 @@ Both routes only publish events; they never call fal and never write a table.
   got there, and acks, which frees the concurrency slot at once; a task still PENDING is acked
   unsubmitted when its turn comes.
 - Retry publishes a new ``TaskRequested`` with the same inputs and ``retry_of`` set, owned by
-  the caller, through the same ``accept_job`` as every submit (``Idempotency-Key``); the API
+  the caller, through the same ``accept_job`` as every submit (``Idempotency-Key``, admission:
+  rate limits, credits, the per-user cap); the API
   shows ``retry_of`` on the new task and ``retried_by`` on the old one (read from the read model).
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Response, status
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 
 from schemas.api import TaskAccepted
 from schemas.events import TaskCancelled, TaskCancelledData, TaskRequested, TaskStatus
@@ -70,6 +71,7 @@ async def cancel_task(task_id: str, user: CurrentUser, bus: BusDep) -> TaskAccep
 @router.post("/task/{task_id}/retry", status_code=status.HTTP_202_ACCEPTED, response_model=TaskAccepted)
 async def retry_task(
     task_id: str,
+    request: Request,
     user: CurrentUser,
     bus: BusDep,
     engine: EngineDep,
@@ -85,4 +87,4 @@ async def retry_task(
             f"task {task_id} has not ended yet; wait for it or cancel it before retrying",
         )
     data = original.data.model_copy(update={"retry_of": task_id})
-    return await accept_job(data, user, bus, engine, settings, response, idempotency_key)
+    return await accept_job(request, data, user, bus, engine, settings, response, idempotency_key)
