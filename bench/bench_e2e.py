@@ -46,8 +46,10 @@ def provider_env(queue: float, run: float) -> dict[str, str]:
     return env
 
 
-def start_stack(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str, str, str]:
-    port = free_port()
+def start_stack(
+    data_dir: Path, env: dict[str, str], port: int | None = None
+) -> tuple[subprocess.Popen[str], str, str, str]:
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--port", str(port), "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,

@@ -112,6 +112,8 @@ class TaskOut(BaseModel):
     created_at: datetime
     updated_at: datetime | None = None
     completed_at: datetime | None = None
+    retry_of: str | None = Field(None, description="the task this one retries")
+    retried_by: list[str] = Field([], description="tasks made by retrying this one, oldest first")
 
 
 class HistoryPage(BaseModel):

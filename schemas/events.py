@@ -88,6 +88,7 @@ class TaskRequestedData(_Frozen):
     safety_tolerance: str | None = None
     strength: float | None = None
     output_format: Literal["jpeg", "png"] = "jpeg"
+    retry_of: str | None = Field(None, description="the task this one retries (POST .../retry)")
 
 
 class TaskSubmittedData(_Frozen):
@@ -149,6 +150,21 @@ class StorageFailedData(_Frozen):
 
 class TaskCancelledData(_Frozen):
     reason: str = "cancelled by user"
+
+
+class WebhookReceivedData(_Frozen):
+    """fal's webhook body (shared/fal-protocol.md §5), after its signature was verified.
+
+    ``delivery`` identifies one signed delivery (a hash of its signature): it is part of the
+    msg id, so the same delivery replayed within the duplicate window is dropped by the server.
+    """
+
+    request_id: str
+    status: Literal["OK", "ERROR"]
+    delivery: str
+    payload: dict[str, Any] | None = None
+    error: str | None = None
+    payload_error: str | None = None
 
 
 # --- events -----------------------------------------------------------------------------
@@ -420,6 +436,19 @@ def ledger_token(user_id: str) -> str:
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+class WebhookReceived(FluxEvent):
+    """fal said the task's request ended (verified webhook); the poller turns it into the
+    terminal event. Repeatable (fal retries deliveries), one per signed delivery."""
+
+    token: ClassVar[str] = "webhook"
+    type: Literal["task.webhook_received"] = "task.webhook_received"
+    data: WebhookReceivedData
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.task_id}.{self.token}.{self.data.delivery}"
+
+
 EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     TaskRequested,
     TaskSubmitted,
@@ -436,6 +465,7 @@ EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     CreditsHeld,
     CreditsCharged,
     CreditsRefunded,
+    WebhookReceived,
 )
 TERMINAL_TOKENS: tuple[str, ...] = tuple(t.token for t in EVENT_TYPES if t.terminal)
 SUPPORTED_VERSIONS: dict[str, int] = {t.model_fields["type"].default: 1 for t in EVENT_TYPES}
@@ -455,7 +485,8 @@ AnyEvent = Annotated[
     | CreditsGranted
     | CreditsHeld
     | CreditsCharged
-    | CreditsRefunded,
+    | CreditsRefunded
+    | WebhookReceived,
     Field(discriminator="type"),
 ]
 _adapter: TypeAdapter[Any] = TypeAdapter(AnyEvent)

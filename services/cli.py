@@ -344,6 +344,7 @@ def up(
             env["FAL_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
             env.setdefault("FAL_KEY", "sim-" + load_or_create_secret(sim_dir / "fal-key"))
             env.setdefault("FLUXPIPE_SIM_DATA_DIR", str(sim_dir))
+            env.setdefault("FAL_JWKS_URL", f"{env['FAL_BASE_URL']}/.well-known/jwks.json")
             simulator = children.spawn(Service.simulator, "--port", str(sim_port))
             wait_for_port("127.0.0.1", sim_port, 30, simulator)
 

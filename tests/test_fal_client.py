@@ -377,8 +377,9 @@ async def test_transport_errors_are_retried_then_reported(scripted: tuple[str, S
 
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/fal-ai/flux-1/requests/x/status"
-        async with quick_client("http://unused", transport=Counting(), max_attempts=3) as fal:
+        dead_base = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        dead_url = f"{dead_base}/fal-ai/flux-1/requests/x/status"
+        async with quick_client(dead_base, transport=Counting(), max_attempts=3) as fal:
             with pytest.raises(FalError) as raised:
                 await fal.status(dead_url)
     assert attempts == 3
@@ -465,17 +466,19 @@ async def test_the_key_never_appears_in_errors_reprs_or_logs(
     echoing_text = script.path(Reply(401, text="denied for {authorization}"))
     errors: list[FalError] = []
     fal = quick_client(fast.public_url, SECRET_KEY)
+    scripted_fal = quick_client(base_url, SECRET_KEY)  # the key only goes to its own fal host
     try:
         with pytest.raises(FalError) as unauthorized:
             await fal.submit("fal-ai/flux-1/dev", {"prompt": "x"})
         errors.append(unauthorized.value)
         for url in (f"{base_url}/{echoing}", f"{base_url}/{echoing_text}"):
             with pytest.raises(FalError) as echoed:
-                await fal.result(url)
+                await scripted_fal.result(url)
             errors.append(echoed.value)
         client_repr = repr(fal)
     finally:
         await fal.aclose()
+        await scripted_fal.aclose()
 
     assert unauthorized.value.status_code == 401
     assert errors[1].message == "bad credentials Key [redacted]"

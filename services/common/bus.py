@@ -422,7 +422,14 @@ class Consumer:
         for task in [t for t in running if t in _HOLDING]:
             task.cancel()  # only waiting on a task at fal: hand the message back now
         if running:
-            _, late = await asyncio.wait(running, timeout=self.grace)
+            loop = asyncio.get_running_loop()
+            end, late = loop.time() + self.grace, set(running)
+            while True:
+                _, late = await asyncio.wait(late, timeout=max(0.0, min(end - loop.time(), 0.1)))
+                if not late or loop.time() >= end:
+                    break
+                for task in [t for t in late if t in _HOLDING]:
+                    task.cancel()  # got there during the grace (a submit that just finished)
             for task in late:
                 task.cancel()
             await asyncio.gather(*running, *late, return_exceptions=True)

@@ -115,6 +115,7 @@ class FluxTask(Base):
     updated_at: Mapped[datetime] = _updated()
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     failure_stage: Mapped[str | None] = mapped_column(String(20))
+    retry_of: Mapped[str | None] = mapped_column(String(64), index=True)
 
     __table_args__ = (Index("ix_flux_tasks_user_id_created_at", "user_id", "created_at"),)
 

@@ -16,6 +16,9 @@ Invariants:
   kinds above).
 - The API key is sent only in the `Authorization: Key …` header. It never appears in an exception
   message, a repr or a log line: messages taken from fal's answers are scrubbed of it.
+- The key goes only to fal's host: status, result and cancel URLs (which come from fal's answers)
+  are followed only when their scheme, host and port are those of `base_url`; anything else is a
+  non-retryable `FalError` and no request is sent. Redirects are never followed.
 - `submit` is not idempotent at fal: when a submit's answer is lost in transit, its retry can create
   a second request at fal (fal has no idempotency key); the first is then orphaned.
 """
@@ -171,12 +174,35 @@ def _join_detail(entries: list[Any]) -> str:
     return "; ".join(parts)
 
 
+def describe_error_body(body: Any) -> tuple[str | None, str | None]:
+    """(message, error type) from one of fal's error bodies (§3), as found in a result or in a
+    webhook's `payload`; (None, None) when it has neither."""
+    if not isinstance(body, dict):
+        return None, None
+    detail = body.get("detail")
+    message: str | None = None
+    error_type = body.get("error_type") if isinstance(body.get("error_type"), str) else None
+    if isinstance(detail, list) and detail:
+        message = _join_detail(detail)
+        first = detail[0]
+        if error_type is None and isinstance(first, dict) and isinstance(first.get("type"), str):
+            error_type = first["type"]
+    elif isinstance(detail, str) and detail:
+        message = detail
+    return message, error_type
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     try:
         seconds = float(response.headers.get("retry-after", ""))
     except ValueError:
         return None
     return max(0.0, seconds)
+
+
+def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host.lower(), parsed.port
 
 
 def _without_query(url: str | httpx.URL) -> str:
@@ -204,6 +230,7 @@ class FalClient:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self._base_url = base_url.rstrip("/")
+        self._origin = _origin(self._base_url)
         parts = {api_key, *(part for part in api_key.split(":") if len(part) >= 8)}
         self._secrets = tuple(sorted(parts, key=len, reverse=True))
         self._max_attempts = max_attempts
@@ -331,7 +358,16 @@ class FalClient:
         operation: str = "request",
     ) -> httpx.Response:
         """The first response that is not `transient` and that `accept` takes, retrying transient
-        failures; otherwise `FalError`."""
+        failures; otherwise `FalError`. Never sends anything (the key) off fal's host."""
+        try:
+            on_fal = _origin(url) == self._origin
+        except httpx.InvalidURL:
+            on_fal = False
+        if not on_fal:
+            raise FalError(
+                f"refusing to send the fal key to {url.split('?')[0][:200]!r}: not on {self._base_url}",
+                error_type="foreign_host",
+            )
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts),
             wait=self._wait,

@@ -10,7 +10,8 @@ the JetStream API it uses on our stream:
 user          publishes (events)                             JetStream API
 ============  =============================================  ====================================
 gateway       ``task.*.requested``, ``history.*.*.hidden``,  stream info/create, message get,
-              ``credits.*``, ``config.changed``              the rate-limit KV bucket,
+              ``credits.*``, ``config.changed``,             the rate-limit KV bucket,
+              ``task.*.{cancelled,webhook}``
                                                              ordered consumers (live task feed)
 submitter     ``task.*.{submitted,failed}``                  + its durable consumer
 poller        ``task.*.{status,completed,failed}``           + its durable consumer
@@ -44,7 +45,14 @@ SERVICES = ("gateway", "submitter", "poller", "uploader", "projector", "ledger")
 OPERATOR = "operator"
 
 PUBLISHES: dict[str, tuple[str, ...]] = {
-    "gateway": ("task.*.requested", "history.*.*.hidden", "credits.*", "config.changed"),
+    "gateway": (
+        "task.*.requested",
+        "history.*.*.hidden",
+        "credits.*",
+        "config.changed",
+        "task.*.cancelled",
+        "task.*.webhook",
+    ),
     "submitter": ("task.*.submitted", "task.*.failed", "dlq.submitter"),
     "poller": ("task.*.status", "task.*.completed", "task.*.failed", "dlq.poller"),
     "uploader": ("task.*.stored", "task.*.storage_failed", "dlq.uploader"),

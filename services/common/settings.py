@@ -93,6 +93,20 @@ class Settings(BaseSettings):
     rate_limit_uploads: int = Field(30, ge=0, validation_alias="FLUXPIPE_RATE_UPLOADS")
     max_tasks_per_user: int = Field(0, ge=0, validation_alias="FLUXPIPE_MAX_TASKS_PER_USER")
 
+    webhook_base_url: str = Field("", validation_alias="FLUXPIPE_WEBHOOK_BASE_URL")
+    fal_jwks_url: str = Field(
+        "https://rest.alpha.fal.ai/.well-known/jwks.json", validation_alias="FAL_JWKS_URL"
+    )
+    webhook_tolerance_seconds: float = Field(300.0, gt=0, validation_alias="FLUXPIPE_WEBHOOK_TOLERANCE")
+    jwks_cache_seconds: float = Field(3600.0, gt=0, le=86400, validation_alias="FLUXPIPE_JWKS_CACHE_SECONDS")
+    fal_result_hosts: str = Field("fal.media,*.fal.media", validation_alias="FLUXPIPE_FAL_RESULT_HOSTS")
+
+    @property
+    def webhook_url_base(self) -> str | None:
+        """Where fal's webhooks reach the gateway (``<base>/api/flux/webhooks/fal/<task>``), or
+        None: completion is then detected by polling alone."""
+        return self.webhook_base_url.rstrip("/") or None
+
     @property
     def async_database_url(self) -> str:
         """The database URL with the asyncpg driver, whatever scheme the operator gave."""

@@ -35,7 +35,9 @@ from services.gateway.routes import (
     images,
     models,
     openai_images,
+    tasks,
     uploads,
+    webhooks,
 )
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(flux.router)
     app.include_router(openai_images.router)
+    app.include_router(tasks.router)
+    app.include_router(webhooks.router)
     app.add_middleware(ErrorBoundary)
     app.add_middleware(BodyLimit, default=settings.body_limit_bytes, prefixes=settings.body_limit_prefixes)
     app.include_router(history.router)

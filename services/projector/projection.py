@@ -92,6 +92,7 @@ def new_row(seq: int, event: TaskRequested) -> Row:
         "updated_at": event.occurred_at,
         "completed_at": None,
         "failure_stage": None,
+        "retry_of": d.retry_of,
     }
 
 

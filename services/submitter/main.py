@@ -11,12 +11,26 @@ The one window left is a crash between fal accepting the job and our publish; fa
 idempotency key, so such a redelivery submits again and the first fal request is orphaned
 (the task still has one story).
 
+Cancel: a task cancelled while it waits its turn (PENDING) is acked without being submitted; one
+cancelled at fal wakes the hold at once (the terminal ``TaskCancelled``), is cancelled at fal,
+and its message is acked, freeing the slot. A redelivered request of a cancelled task asks fal
+to cancel again (cancel is idempotent at fal), so a crash between the two never leaks a job.
+
+Bounded submit: one submit, all its retries included, must end within ``submit_budget``, which
+is below both the stop grace (``SUBMIT_GRACE``) and the ack wait: a stop never cuts a submit
+whose answer we would then lose, and a partition that stops our heartbeats cannot get the
+request redelivered to another replica while our submit is still in flight.
+
+Webhooks: with ``FLUXPIPE_WEBHOOK_BASE_URL`` set, the submit carries
+``fal_webhook=<base>/api/flux/webhooks/fal/<task>``.
+
 Inputs: the event keeps the image URLs the user gave; our own uploads on local storage, which
 fal cannot reach, are read at submit time and sent inline as data URIs (never into an event).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from datetime import timedelta
@@ -27,6 +41,7 @@ from nats.aio.msg import Msg
 from schemas.catalog import MODELS, build_fal_input
 from schemas.events import (
     TERMINAL_TOKENS,
+    TaskCancelled,
     TaskFailed,
     TaskFailedData,
     TaskRequested,
@@ -45,6 +60,31 @@ log = logging.getLogger(__name__)
 
 
 SUBMIT_GRACE = 35.0  # one whole fal attempt (30 s timeout): a stop never cuts a submit short
+
+
+def submit_budget(settings: Settings) -> float:
+    """Seconds one submit may take, all retries included: under the stop grace and the ack wait."""
+    return min(SUBMIT_GRACE - 5.0, 0.8 * settings.failover_seconds)
+
+
+def webhook_url(settings: Settings, task_id: str) -> str | None:
+    base = settings.webhook_url_base
+    return f"{base}/api/flux/webhooks/fal/{task_id}" if base else None
+
+
+async def cancel_at_fal_if_cancelled(bus: Bus, fal: FalClient, task_id: str) -> None:
+    """If the task ended by a cancel and it got to fal, cancel it there (idempotent at fal)."""
+    if not isinstance(await bus.last_event(task_id, "cancelled"), TaskCancelled):
+        return
+    submitted = await bus.last_event(task_id, "submitted")
+    if not isinstance(submitted, TaskSubmitted):
+        return
+    try:
+        answer = await fal.cancel(submitted.data.cancel_url)
+    except FalError as exc:
+        log.warning("task %s: cancel at fal failed: %s", task_id, exc.message)
+        return
+    log.info("task %s cancelled at fal: %s", task_id, answer)
 
 
 def consumer(settings: Settings, fal: FalClient) -> Consumer:
@@ -73,6 +113,7 @@ async def on_requested(
         log.warning("task %s: ignoring a repeated TaskRequested (not the task's first)", event.task_id)
         return
     if await bus.has_any(event.task_id, TERMINAL_TOKENS):
+        await cancel_at_fal_if_cancelled(bus, fal, event.task_id)
         return
     submitted = await bus.last_event(event.task_id, "submitted")
     if submitted is None:
@@ -86,6 +127,7 @@ async def on_requested(
         if await bus.wait_for_any(
             event.task_id, TERMINAL_TOKENS, until=submitted.occurred_at + timedelta(seconds=limit)
         ):
+            await cancel_at_fal_if_cancelled(bus, fal, event.task_id)
             return
         log.error("task %s has no outcome %.0fs after submission; failing it", event.task_id, limit)
         with contextlib.suppress(FalError):
@@ -115,6 +157,7 @@ async def submit(
             )
         )
         return None
+    budget = submit_budget(settings)
     try:
         image_urls = await inline_own_uploads(event.data.image_urls, settings)
     except FileNotFoundError:
@@ -122,9 +165,15 @@ async def submit(
         await bus.publish(TaskFailed(**envelope, data=TaskFailedData(stage="submit", error=error)))
         return None
     try:
-        handle = await fal.submit(
-            spec.id, build_fal_input(spec, {**event.data.model_dump(), "image_urls": image_urls})
-        )
+        try:
+            async with asyncio.timeout(budget):
+                handle = await fal.submit(
+                    spec.id,
+                    build_fal_input(spec, {**event.data.model_dump(), "image_urls": image_urls}),
+                    webhook_url=webhook_url(settings, event.task_id),
+                )
+        except TimeoutError as exc:
+            raise FalError(f"the submit to fal took longer than {budget:g}s", retryable=True) from exc
     except FalError as exc:
         if exc.retryable and msg.metadata.num_delivered < max_deliver:
             raise

@@ -28,6 +28,7 @@ from schemas.events import (
 from services.common.bus import Bus, Consumer, hold
 from services.common.ending import storage_failed_dead_lettered
 from services.common.images import NotAnImage, inspect_image
+from services.common.result_hosts import ForeignResultHost, result_client
 from services.common.settings import Settings
 from services.common.storage import Storage, make_storage
 from services.common.worker import TypedHandler, Worker
@@ -121,7 +122,7 @@ async def on_completed(
                         size=len(data),
                     )
                 )
-    except (NotAnImage, DownloadTooLarge) as exc:
+    except (NotAnImage, DownloadTooLarge, ForeignResultHost) as exc:
         await bus.publish(StorageFailed(**envelope, data=StorageFailedData(error=str(exc))))
         return
     except (httpx.HTTPError, OSError) as exc:
@@ -137,7 +138,7 @@ async def _setup(
     settings: Settings, bus: Bus, stack: contextlib.AsyncExitStack
 ) -> tuple[Consumer, TypedHandler[TaskCompleted]]:
     http = await stack.enter_async_context(
-        httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10), follow_redirects=True)
+        result_client(settings, timeout=httpx.Timeout(60, connect=10), follow_redirects=True)
     )
     spec = consumer(settings)
     handler = partial(

@@ -24,6 +24,7 @@ from services.gateway import admission
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
 from services.gateway.from_log import task_from_log
 from services.gateway.guards import database_unreachable
+from services.gateway.lineage import retries_of
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
 log = logging.getLogger(__name__)
@@ -151,13 +152,14 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
     try:
         async with engine.connect() as conn:
             row = (await conn.execute(query)).first()
+            retried = await retries_of(conn, [task_id]) if row is not None else {}
     except Exception as exc:
         if not database_unreachable(exc):
             raise
         log.warning("task database unavailable, answering task %s from the event log: %r", task_id, exc)
         row = None
     if row is not None:
-        return task_out(row._mapping)
+        return task_out(row._mapping).model_copy(update={"retried_by": retried.get(task_id, [])})
     if folded := await task_from_log(bus, task_id, user):
         return task_out(folded)
     raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
@@ -183,4 +185,6 @@ async def history(
                 .offset((page - 1) * limit)
             )
         ).all()
-    return HistoryPage(items=[task_out(r._mapping) for r in rows], total=total, page=page, limit=limit)
+        retried = await retries_of(conn, [r.id for r in rows])
+    items = [task_out(r._mapping).model_copy(update={"retried_by": retried.get(r.id, [])}) for r in rows]
+    return HistoryPage(items=items, total=total, page=page, limit=limit)
