@@ -31,13 +31,19 @@ def setup_logging(settings: Settings, service: str) -> None:
     handler.setFormatter(
         RedactingFormatter(
             f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-            [settings.fal_key.get_secret_value(), settings.jwt_secret.get_secret_value()],
+            [
+                settings.fal_key.get_secret_value(),
+                settings.jwt_secret.get_secret_value(),
+                settings.cos_secret_key.get_secret_value(),
+                settings.cos_token.get_secret_value(),
+            ],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("qcloud_cos").setLevel(logging.WARNING)  # it logs request headers and signatures
 
 
 async def run_until_signalled(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:

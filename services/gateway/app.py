@@ -22,6 +22,7 @@ from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
+from services.common.storage import make_storage
 from services.gateway.routes import flux
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.bus = await Bus.connect(settings, "gateway")
         app.state.engine = make_engine(settings)
+        app.state.storage = make_storage(settings)
         try:
             yield
         finally:
+            app.state.storage.close()
             await app.state.engine.dispose()
             await app.state.bus.close()
 

@@ -7,6 +7,8 @@ cos-python-sdk-v5). Keys follow the plan under a per-user prefix (``keys``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.common.settings import Settings
 from services.common.storage.base import Storage, StorageError
 from services.common.storage.keys import check_key, upload_key, user_key, user_prefix
@@ -17,6 +19,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "check_key",
+    "fresh_urls",
     "make_storage",
     "upload_key",
     "user_key",
@@ -30,3 +33,10 @@ def make_storage(settings: Settings) -> Storage:
 
         return CosStorage.from_settings(settings)
     return LocalStorage(settings.storage_dir, settings.public_base_url)
+
+
+def fresh_urls(storage: Storage, images: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """A task's stored images with URLs to hand out now (``storage.url(key)``: freshly
+    pre-signed for a private bucket), and the first one's URL."""
+    fresh = [{**img, "url": storage.url(img["key"])} if img.get("key") else img for img in images]
+    return fresh[0].get("url"), fresh

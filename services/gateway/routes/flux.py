@@ -17,7 +17,8 @@ from schemas.events import TaskRequested, TaskRequestedData, TaskStatus
 from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
-from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
+from services.common.storage import Storage, fresh_urls
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep, StorageDep
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
 
@@ -103,8 +104,10 @@ async def current_status(engine: AsyncEngine, task_id: str) -> TaskStatus:
     return cast(TaskStatus, found or "PENDING")
 
 
-def task_out(row: Any) -> TaskOut:
+def task_out(row: Any, storage: Storage | None = None) -> TaskOut:
     data = dict(row._mapping)
+    if storage is not None and data["cloud_images"]:
+        data["cloud_image_url"], data["cloud_images"] = fresh_urls(storage, data["cloud_images"])
     return TaskOut(
         **{k: v for k, v in data.items() if k in TaskOut.model_fields and k not in ("image_url", "images")},
         image_url=data["cloud_image_url"] or data["image_url"],
@@ -142,7 +145,9 @@ async def _not_yet_projected(bus: Bus, task_id: str, user: Principal) -> TaskOut
 
 
 @router.get("/task/{task_id}", response_model=TaskOut)
-async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusDep) -> TaskOut:
+async def get_task(
+    task_id: str, user: CurrentUser, engine: EngineDep, bus: BusDep, storage: StorageDep
+) -> TaskOut:
     """One task of the caller (any task for an admin)."""
     query = select(tasks).where(tasks.c.id == task_id)
     if not user.admin:
@@ -150,7 +155,7 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
     async with engine.connect() as conn:
         row = (await conn.execute(query)).first()
     if row is not None:
-        return task_out(row)
+        return task_out(row, storage)
     if task_id.isalnum() and (pending := await _not_yet_projected(bus, task_id, user)):
         return pending
     raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
@@ -160,6 +165,7 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
 async def history(
     user: CurrentUser,
     engine: EngineDep,
+    storage: StorageDep,
     page: Annotated[int, Query(ge=1)] = 1,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> HistoryPage:
@@ -176,4 +182,4 @@ async def history(
                 .offset((page - 1) * limit)
             )
         ).all()
-    return HistoryPage(items=[task_out(r) for r in rows], total=total, page=page, limit=limit)
+    return HistoryPage(items=[task_out(r, storage) for r in rows], total=total, page=page, limit=limit)
