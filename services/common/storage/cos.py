@@ -275,7 +275,7 @@ class CosStorage:
         """``fn(**kwargs)`` on the pool, retried while it fails transiently; ``StorageError``."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry_attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             retry=retry_if_exception(is_transient),
             reraise=True,
             before_sleep=lambda state: log.warning(
