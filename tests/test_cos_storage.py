@@ -15,7 +15,7 @@ import pytest
 from qcloud_cos import CosConfig, CosS3Client
 
 from services.common.settings import Settings
-from services.common.storage import StorageError, make_storage, upload_key, user_key, user_prefix
+from services.common.storage import StorageError, fresh_url, make_storage, upload_key, user_key, user_prefix
 from services.common.storage.cos import CosStorage, encode_metadata
 from tests.cos_server import BUCKET, SECRET_ID, SECRET_KEY, RunningCos, running_cos
 
@@ -80,6 +80,9 @@ async def test_a_private_object_keeps_type_and_metadata_and_is_read_only_through
     assert plain.status_code == 403 and "<Code>AccessDenied</Code>" in plain.text
     assert storage.object_url(key) == f"{fresh.url}/users/alice/flux_fal-ai_flux-1_dev_t1.png"
     assert await storage.get(key) == b"\x89PNG-bytes"
+    assert storage.key_for_url(storage.object_url(key)) == key == storage.key_for_url(url)
+    assert "q-signature=" in fresh_url(storage, storage.object_url(key))
+    assert fresh_url(storage, "https://fal.media/files/x.png") == "https://fal.media/files/x.png"
     storage.close()
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "check_key",
+    "fresh_url",
     "fresh_urls",
     "make_storage",
     "upload_key",
@@ -40,3 +41,11 @@ def fresh_urls(storage: Storage, images: list[dict[str, Any]]) -> tuple[str | No
     pre-signed for a private bucket), and the first one's URL."""
     fresh = [{**img, "url": storage.url(img["key"])} if img.get("key") else img for img in images]
     return fresh[0].get("url"), fresh
+
+
+def fresh_url(storage: Storage, url: str) -> str:
+    """``url`` made fetchable now if it is one of ``storage``'s objects (a fresh pre-signed URL
+    for a private bucket), e.g. an uploaded input just before it is handed to fal; any other
+    URL unchanged."""
+    key = storage.key_for_url(url)
+    return storage.url(key) if key else url

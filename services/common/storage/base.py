@@ -44,6 +44,10 @@ class Storage(Protocol):
         """The object's permanent, unsigned address."""
         ...
 
+    def key_for_url(self, url: str) -> str | None:
+        """The key of one of this storage's ``object_url``s (or signed URLs); else ``None``."""
+        ...
+
     def describe(self) -> str:
         """Where objects go, for operators (no credentials)."""
         ...

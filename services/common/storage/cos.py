@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
@@ -176,6 +176,11 @@ class CosStorage:
             Params=params,
         )
         return signed
+
+    def key_for_url(self, url: str) -> str | None:
+        base = f"{self.public_base_url}/{quote(self.key_prefix, safe='/-_.~')}"
+        key = unquote(url[len(base) :].split("?", 1)[0]) if url.startswith(base) else ""
+        return key or None
 
     def describe(self) -> str:
         access = "public-read" if self.public_read else f"private, URLs signed for {self.url_expires}s"

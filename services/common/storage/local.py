@@ -51,6 +51,12 @@ class LocalStorage:
     async def delete(self, key: str) -> None:
         await asyncio.to_thread((self.root / check_key(key)).unlink, missing_ok=True)
 
+    def key_for_url(self, url: str) -> str | None:
+        base = f"{self.public_base_url}/files/"
+        if not url.startswith(base):
+            return None
+        return url[len(base) :].split("?", 1)[0] or None
+
     def describe(self) -> str:
         return f"local folder {self.root} served at {self.public_base_url}/files/"
 
