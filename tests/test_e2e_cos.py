@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from urllib.parse import unquote
 
@@ -19,7 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.cos_server import SECRET_KEY, RunningCos, running_cos
+from services.cossim.app import Credential
+from tests.cos_server import SECRET_ID, SECRET_KEY, RunningCos, running_cos
 from tests.test_e2e import Stack, follow
 
 pytestmark = pytest.mark.timeout(240)
@@ -106,3 +108,26 @@ def test_storage_check_passes_on_the_stacks_settings_and_names_what_is_wrong_oth
 
     unconfigured = storage_check(stack, COS_BUCKET="")
     assert unconfigured.returncode == 1 and "needs COS_BUCKET" in unconfigured.stderr
+
+
+def test_a_revoked_key_leaves_the_task_successful_with_fals_url_and_a_clear_storage_error(stack, cos):
+    credential = cos.sim.credentials[SECRET_ID]
+    cos.sim.credentials[SECRET_ID] = Credential("the-key-was-rotated-in-the-console")
+    try:
+        with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+            r = client.post("/api/flux/text-to-image", json={"prompt": "a revoked key"})
+            task_id = r.json()["task_id"]
+            deadline = time.monotonic() + 90
+            task = client.get(f"/api/flux/task/{task_id}").json()
+            while not task["storage_error"]:
+                assert time.monotonic() < deadline, f"no storage error: {task}"
+                time.sleep(0.1)
+                task = client.get(f"/api/flux/task/{task_id}").json()
+    finally:
+        cos.sim.credentials[SECRET_ID] = credential
+    assert task["status"] == "SUCCESS" and task["cloud_image_url"] is None
+    assert task["image_url"] == task["provider_image_url"] and task["image_url"].startswith("http")
+    assert "403 SignatureDoesNotMatch" in task["storage_error"] and "COS_SECRET_KEY" in task["storage_error"]
+    assert SECRET_KEY not in task["storage_error"] and "q-signature" not in task["storage_error"]
+    status = json.loads(stack.cli("status", "--json"))
+    assert status["dead_letters"].get("uploader") == 1, status["dead_letters"]
