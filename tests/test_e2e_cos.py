@@ -19,7 +19,9 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from services.cli import app as cli
 from services.cossim.app import Credential
 from tests.cos_server import SECRET_ID, SECRET_KEY, RunningCos, running_cos
 from tests.test_e2e import Stack, follow
@@ -77,37 +79,38 @@ def test_a_four_image_result_is_stored_in_cos_and_served_through_fresh_signed_ur
         assert SECRET_KEY not in text
 
 
-def storage_check(stack: Stack, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "storage", "check"],
-        env=stack.env | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def storage_check(stack: Stack, **env: str) -> tuple[int, str]:
+    """``fluxpipe storage check`` with the stack's settings, changed by ``env`` (in-process)."""
+    result = CliRunner().invoke(cli, ["storage", "check"], env=stack.env | env)
+    return result.exit_code, result.output
 
 
 def test_storage_check_passes_on_the_stacks_settings_and_names_what_is_wrong_otherwise(stack, cos):
     objects = set(cos.sim.objects)
-    good = storage_check(stack)
+    good = subprocess.run(
+        [sys.executable, "-m", "services.cli", "storage", "check"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert good.returncode == 0, good.stderr
     assert "write:  ok" in good.stdout and "fetch:  ok (pre-signed URL)" in good.stdout
     assert "storage check passed" in good.stdout and set(cos.sim.objects) == objects, "the probe is deleted"
 
-    wrong_key = storage_check(stack, COS_SECRET_KEY="not-the-secret-key-123456")
-    assert wrong_key.returncode == 1
-    assert "SignatureDoesNotMatch" in wrong_key.stderr and "check COS_SECRET_KEY" in wrong_key.stderr
-    assert "not-the-secret-key-123456" not in wrong_key.stdout + wrong_key.stderr
+    code, said = storage_check(stack, COS_SECRET_KEY="not-the-secret-key-123456")
+    assert code == 1 and "SignatureDoesNotMatch" in said and "check COS_SECRET_KEY" in said
+    assert "not-the-secret-key-123456" not in said
 
-    wrong_id = storage_check(stack, COS_SECRET_ID="AKIDnobody")
-    assert wrong_id.returncode == 1 and "InvalidAccessKeyId" in wrong_id.stderr
+    code, said = storage_check(stack, COS_SECRET_ID="AKIDnobody")
+    assert code == 1 and "InvalidAccessKeyId" in said
 
-    not_public = storage_check(stack, COS_PUBLIC_READ="true")
-    assert not_public.returncode == 1 and "answered 403" in not_public.stderr
-    assert "refuses anonymous reads" in not_public.stderr
+    code, said = storage_check(stack, COS_PUBLIC_READ="true")
+    assert code == 1 and "answered 403" in said and "refuses anonymous reads" in said
 
-    unconfigured = storage_check(stack, COS_BUCKET="")
-    assert unconfigured.returncode == 1 and "needs COS_BUCKET" in unconfigured.stderr
+    code, said = storage_check(stack, COS_BUCKET="")
+    assert code == 1 and "needs COS_BUCKET" in said
+    assert set(cos.sim.objects) == objects
 
 
 def test_a_revoked_key_leaves_the_task_successful_with_fals_url_and_a_clear_storage_error(stack, cos):
