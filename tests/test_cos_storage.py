@@ -141,6 +141,21 @@ def test_a_header_changed_after_signing_fails_the_signature(fresh):
     assert fresh.sim.objects["users/a/t.png"].data == b"x"
 
 
+def test_a_body_that_does_not_match_its_content_md5_is_refused(fresh):
+    client = sdk_client(fresh)
+    digest = "XUFAKrxLKna5cZ2REBfFkg=="  # md5 of b"hello"
+    auth = client.get_auth(
+        Method="PUT", Bucket=BUCKET, Key="users/a/md5.txt", Headers={"Content-MD5": digest}
+    )
+    corrupted = httpx.put(
+        f"{fresh.url}/users/a/md5.txt",
+        content=b"hellO",
+        headers={"Authorization": auth, "Content-MD5": digest},
+    )
+    assert corrupted.status_code == 400 and "<Code>BadDigest</Code>" in corrupted.text
+    assert "users/a/md5.txt" not in fresh.sim.objects
+
+
 def test_an_expired_signature_is_refused_and_a_signature_for_one_key_does_not_open_another(fresh):
     fresh.sim.objects.clear()
     storage = storage_for(fresh)

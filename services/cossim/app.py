@@ -2,7 +2,8 @@
 
 It speaks COS's wire protocol over real HTTP so the real SDK (cos-python-sdk-v5) can be tested
 against it: PUT/GET/HEAD/DELETE Object, multipart (initiate, upload part, complete, abort) and
-HEAD Bucket, with ``x-cos-meta-*`` metadata and COS's XML error bodies.
+HEAD Bucket, with ``x-cos-meta-*`` metadata, ``Content-MD5`` checks (``BadDigest``) and COS's
+XML error bodies.
 
 Every request is authenticated as COS does it (``q-sign-algorithm=sha1`` signatures, in the
 ``Authorization`` header or a pre-signed URL's query): an unknown SecretId is
@@ -22,6 +23,7 @@ delays them (to make the client time out); ``requests`` records what was asked.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import time
@@ -121,6 +123,13 @@ class CosSimulator:
                 return await self.upload_part(request, params["uploadId"], int(params["partNumber"]))
             case "PUT":
                 body = await request.body()
+                if not _digest_matches(request, body):
+                    return self.error(
+                        request,
+                        400,
+                        "BadDigest",
+                        "The Content-MD5 you specified did not match what we received.",
+                    )
                 obj = StoredObject(
                     body,
                     request.headers.get("content-type", "application/octet-stream"),
@@ -169,6 +178,10 @@ class CosSimulator:
         if parts is None:
             return self.error(request, 404, "NoSuchUpload", "The specified upload does not exist.")
         body = await request.body()
+        if not _digest_matches(request, body):
+            return self.error(
+                request, 400, "BadDigest", "The Content-MD5 you specified did not match what we received."
+            )
         parts[number] = body
         return _answer(None, 200, self._ids() | {"ETag": _etag(body)})
 
@@ -305,6 +318,12 @@ def _enc(value: str) -> str:
 
 def _meta(request: Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-cos-meta-")}
+
+
+def _digest_matches(request: Request, body: bytes) -> bool:
+    """No ``Content-MD5``, or one that is the body's."""
+    claimed = request.headers.get("content-md5")
+    return claimed is None or claimed == base64.b64encode(hashlib.md5(body).digest()).decode()
 
 
 def _etag(data: bytes) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import logging
 from functools import partial
 
@@ -70,16 +71,14 @@ async def download(http: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
         except ValueError as exc:  # binascii.Error
             raise NotAnImage(f"the data URI is not valid base64: {exc}") from exc
     else:
-        chunks: list[bytes] = []
-        size = 0
+        buffer = io.BytesIO()  # getvalue() hands over its buffer: the image is never held twice
         async with http.stream("GET", url) as response:
             response.raise_for_status()
             async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
+                if buffer.tell() + len(chunk) > max_bytes:
                     raise DownloadTooLarge(f"image larger than {max_bytes} bytes")
-                chunks.append(chunk)
-        data = b"".join(chunks)
+                buffer.write(chunk)
+        data = buffer.getvalue()
     if len(data) > max_bytes:
         raise DownloadTooLarge(f"image larger than {max_bytes} bytes")
     return data

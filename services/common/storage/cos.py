@@ -8,7 +8,8 @@ Invariants:
 - ``put`` is idempotent: a key names one object, and writing it again replaces it whole (a
   single PUT, or a multipart upload that only becomes visible when completed; an upload that
   fails is aborted).
-- Objects above ``COS_PART_SIZE`` go up in parts read one at a time from their source.
+- Objects above ``COS_PART_SIZE`` go up in parts read one at a time from their source. Every
+  body carries its ``Content-MD5``, so COS refuses one that was corrupted on the way.
 - Credentials never leave this module: errors are re-raised as ``StorageError`` whose text is
   COS's error code and message (no signature, no SecretId/SecretKey/token), and the SDK's
   logger, which writes request headers and signatures, is kept at WARNING.
@@ -201,6 +202,7 @@ class CosStorage:
             Bucket=self.bucket,
             Key=self.object_key(key),
             Body=data,
+            EnableMD5=True,
             ContentType=content_type,
             Metadata=encode_metadata(metadata),
         )
@@ -233,6 +235,7 @@ class CosStorage:
                     Bucket=self.bucket,
                     Key=name,
                     Body=part,
+                    EnableMD5=True,
                     PartNumber=number,
                     UploadId=upload_id,
                 )
