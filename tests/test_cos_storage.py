@@ -14,6 +14,7 @@ import httpx
 import pytest
 from qcloud_cos import CosConfig, CosS3Client
 
+from services.common.embedded import free_port
 from services.common.settings import Settings
 from services.common.storage import StorageError, fresh_url, make_storage, upload_key, user_key, user_prefix
 from services.common.storage.cos import CosStorage, encode_metadata
@@ -276,6 +277,15 @@ async def test_the_sdk_never_logs_credentials_or_signatures(fresh, caplog):
     assert "q-signature" not in caplog.text and "Authorization" not in caplog.text
     storage.close()
     good.close()
+
+
+async def test_an_unreachable_endpoint_is_retried_then_named(fresh):
+    storage = storage_for(fresh, COS_DOMAIN=f"127.0.0.1:{free_port()}", COS_RETRY_ATTEMPTS="2")
+    with pytest.raises(StorageError) as unreachable:
+        await storage.put("users/a/n.png", b"n", "image/png", {})
+    assert unreachable.value.transient and "after 2 attempts" in str(unreachable.value)
+    assert "COS could not be reached: check COS_REGION, COS_DOMAIN" in str(unreachable.value)
+    storage.close()
 
 
 def test_metadata_is_percent_encoded_and_kept_under_coss_2kb_limit():

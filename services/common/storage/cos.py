@@ -50,6 +50,7 @@ HINTS = {
     "NoSuchBucket": "check COS_BUCKET (name-appid) and COS_REGION",
     "InvalidToken": "check COS_TOKEN (temporary credentials expire)",
 }
+UNREACHABLE_HINT = "COS could not be reached: check COS_REGION, COS_DOMAIN and the network"
 _SIGNATURE_PARTS = re.compile(r"(q-(?:ak|signature|sign-time|key-time)|x-cos-security-token)=[^&\s'\"]+")
 
 
@@ -315,7 +316,7 @@ class CosStorage:
             if code in HINTS:
                 text += f" ({HINTS[code]})"
         else:
-            text = f"{type(exc).__name__}: {exc}"
+            text = f"{type(exc).__name__}: {exc} ({UNREACHABLE_HINT})"
         text = _SIGNATURE_PARTS.sub(r"\1=***", text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
