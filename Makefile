@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,22 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/fluxpipe up $(ARGS)
 
-test: $(STAMP)
+# Debian's Chromium for the page tests (Playwright drives /usr/bin/chromium; no browser download).
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	./scripts/install-browser.sh
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check schemas services tests migrations bench
 	$(BIN)/ruff format --check schemas services tests migrations bench
 	$(BIN)/mypy schemas services
+
+# Faults during a run of 1,050 tasks (docs/RELIABILITY.md); CI runs the same test with 42.
+chaos: $(STAMP)
+	FLUXPIPE_CHAOS_PER_ROUND=150 $(BIN)/python -m pytest tests/test_chaos.py -q $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

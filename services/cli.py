@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import time
 from collections.abc import Coroutine
@@ -114,18 +113,12 @@ def run(
     """Run one service in the foreground until SIGINT/SIGTERM."""
     settings = Settings()
     if service is Service.simulator:
-        from services.simulator.app import SimulatorSettings
         from services.simulator.app import main as simulate
+        from services.simulator.settings import SimulatorEnvironment
 
+        environment = SimulatorEnvironment()
         simulate(
-            host,
-            port,
-            SimulatorSettings(
-                api_key=settings.fal_key.get_secret_value(),
-                public_url=os.environ.get("FLUXPIPE_SIM_PUBLIC_URL", f"http://{host}:{port}"),
-                queue_seconds=float(os.environ.get("FLUXPIPE_SIM_QUEUE_SECONDS", "0.5")),
-                run_seconds=float(os.environ.get("FLUXPIPE_SIM_RUN_SECONDS", "1.5")),
-            ),
+            host, port, environment.settings(settings.fal_key.get_secret_value(), f"http://{host}:{port}")
         )
         return
     from services.common.runtime import run_until_signalled, setup_logging
@@ -259,8 +252,8 @@ def up(
     from services.common.embedded import (
         EmbeddedNats,
         EmbeddedPostgres,
-        free_port,
         port_is_free,
+        remembered_port,
         wait_for_port,
     )
     from services.common.migrate import upgrade
@@ -304,9 +297,11 @@ def up(
         upgrade(settings)
 
         if "FAL_BASE_URL" not in os.environ:
-            sim_port = free_port()
+            sim_dir = data_dir / "simulator"
+            sim_port = remembered_port(sim_dir / "port")
             env["FAL_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
-            env.setdefault("FAL_KEY", "sim-" + secrets.token_hex(16))
+            env.setdefault("FAL_KEY", "sim-" + load_or_create_secret(sim_dir / "fal-key"))
+            env.setdefault("FLUXPIPE_SIM_DATA_DIR", str(sim_dir))
             simulator = children.spawn(Service.simulator, "--port", str(sim_port))
             wait_for_port("127.0.0.1", sim_port, 30, simulator)
         for worker in WORKERS:
@@ -351,6 +346,7 @@ def up(
         children.stop()
         for server in reversed(started):
             server.stop()
+            typer.echo(f"fluxpipe: {server.name} stopped", err=True)
         if stopping:
             typer.echo("fluxpipe stopped")
     if failed:

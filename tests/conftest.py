@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -118,3 +120,18 @@ def parked() -> Iterator[SimulatorSettings]:
     """A fal simulator whose requests stay IN_QUEUE for the whole test."""
     with running_simulator(queue_seconds=600, run_seconds=1) as settings:
         yield settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A base temp folder of this run's own: pytest otherwise prunes the numbered folders of
+    concurrent runs under /tmp/pytest-of-<user> (three kept), deleting a running session's
+    PostgreSQL and NATS data from under it."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="fluxpipe-tests-")
+        config._fluxpipe_basetemp = config.option.basetemp  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    created = getattr(config, "_fluxpipe_basetemp", None)
+    if created:
+        shutil.rmtree(created, ignore_errors=True)

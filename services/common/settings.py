@@ -45,6 +45,11 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
 
+    openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
+    openai_model_aliases: dict[str, str] = Field(
+        default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
+    )
+
     # Object storage: ``local`` (a folder the gateway serves) or ``cos`` (Tencent COS); see
     # docs/DEPLOYMENT.md. COS credentials are secrets like the fal key.
     storage_backend: Literal["local", "cos"] = Field("local", validation_alias="FLUXPIPE_STORAGE")

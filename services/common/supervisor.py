@@ -95,14 +95,21 @@ class Supervisor:
 
     def stop(self, timeout: float = 45.0) -> None:
         """SIGTERM to every child at once (each finishes its own work in its grace), then
-        SIGKILL to any still running after ``timeout``."""
-        live = [c.proc for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
+        SIGKILL to any still running after ``timeout``; one line said per child stopped (its
+        exit code too, unless 0 or death by the SIGTERM itself, as uvicorn re-raises it)."""
+        live = [c for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
+        for child in live:
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for proc in live:
+        for child in live:
+            assert child.proc is not None
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                code = child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                child.proc.kill()
+                child.proc.wait()
+                self.say(f"fluxpipe: {child.name} killed after {timeout:.0f}s")
+                continue
+            clean = code in (0, -signal.SIGTERM)
+            self.say(f"fluxpipe: {child.name} stopped" + ("" if clean else f" (exit code {code})"))

@@ -6,13 +6,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,9 +24,11 @@ from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 from services.common.storage import make_storage
-from services.gateway.routes import flux
+from services.gateway.routes import flux, openai_images
 
 log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).parent / "web"
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:
@@ -120,6 +123,14 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(status_code=200 if all(checks.values()) else 503, content=checks)
 
     app.include_router(flux.router)
+    app.include_router(openai_images.router)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
+    app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The image page (plain HTML and JavaScript in ``services/gateway/web``)."""
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     return app

@@ -1,0 +1,130 @@
+"""fluxpipe services as separate processes (``fluxpipe run …``), as ``fluxpipe up`` and
+compose start them, for tests that need several replicas or servers of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from services.common.bus import Bus
+from services.common.embedded import free_port, wait_for_port
+from services.common.settings import Settings
+from services.common.supervisor import Supervisor
+from tests.conftest import SECRET
+from tests.simulator_server import TEST_API_KEY
+
+WORKERS = ("projector", "submitter", "poller", "uploader")
+
+
+def service_env(settings: Settings, database_url: str, fal_url: str, storage: Path, **extra: str) -> dict:
+    ours = ("NATS_", "DATABASE_", "FAL_", "FLUXPIPE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env.update(
+        NATS_URL=settings.nats_url,
+        DATABASE_URL=database_url,
+        FAL_BASE_URL=fal_url,
+        FAL_KEY=TEST_API_KEY,
+        FLUXPIPE_STREAM=settings.stream_name,
+        FLUXPIPE_SUBJECT_PREFIX=settings.subject_prefix,
+        FLUXPIPE_STREAM_REPLICAS=str(settings.stream_replicas),
+        FLUXPIPE_JWT_SECRET=SECRET,
+        FLUXPIPE_STORAGE_DIR=str(storage),
+        FLUXPIPE_POLL_MIN="0.1",
+        FLUXPIPE_POLL_MAX="0.3",
+        FLUXPIPE_FAILOVER_SECONDS="3",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+@dataclass
+class Running:
+    urls: list[str]  # the gateways'
+    supervisor: Supervisor
+    said: list[str]  # what the supervisor reported (restarts)
+
+
+@contextmanager
+def services(env: dict, *, replicas: int = 1, gateways: int = 1) -> Iterator[Running]:
+    """``replicas`` of every worker and ``gateways`` gateways, supervised as ``fluxpipe up``
+    does (call ``supervisor.check()`` to restart what died)."""
+    said: list[str] = []
+    children = Supervisor(env, say=said.append)
+    ports = [free_port() for _ in range(gateways)]
+    try:
+        for worker in WORKERS:
+            for _ in range(replicas):
+                children.spawn(worker)
+        procs = [children.spawn("gateway", "--port", str(port)) for port in ports]
+        for port, proc in zip(ports, procs, strict=True):
+            wait_for_port("127.0.0.1", port, 60, proc)
+        yield Running([f"http://127.0.0.1:{port}" for port in ports], children, said)
+    finally:
+        children.stop()
+
+
+async def submit(
+    http: httpx.AsyncClient, gateways: list[str], prompts: list[str], within: float = 60
+) -> list[str]:
+    """Submit one text-to-image job per prompt, spread over the gateways; their task ids.
+
+    As a client should: each job with its own ``Idempotency-Key``, retried with it while the
+    gateway answers 503 (the event log failing over), so a retry never makes a second task."""
+    task_ids = []
+    for i, prompt in enumerate(prompts):
+        key = uuid.uuid4().hex
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                r = await http.post(
+                    f"{gateways[i % len(gateways)]}/api/flux/text-to-image",
+                    json={"prompt": prompt},
+                    headers={"Idempotency-Key": key},
+                )
+            except httpx.TransportError:  # the gateway is restarting
+                assert time.monotonic() < deadline, "the gateway never came back"
+                await asyncio.sleep(0.5)
+                continue
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+        assert r.status_code == 202, r.text
+        task_ids.append(r.json()["task_id"])
+    return task_ids
+
+
+async def wait_all_stored(http: httpx.AsyncClient, gateway: str, task_ids: list[str], within: float) -> None:
+    """Until every task is SUCCESS with its stored copy; fails at once on FAILED/CANCELLED."""
+    deadline = time.monotonic() + within
+    pending = set(task_ids)
+    while pending and time.monotonic() < deadline:
+        for task_id in list(pending):
+            try:
+                r = await http.get(f"{gateway}/api/flux/task/{task_id}")
+            except httpx.TransportError:
+                continue
+            if r.status_code != 200:
+                continue
+            task = r.json()
+            assert task["status"] not in ("FAILED", "CANCELLED"), task
+            if task["status"] == "SUCCESS" and task["cloud_image_url"]:
+                pending.discard(task_id)
+        await asyncio.sleep(0.3)
+    assert not pending, f"{len(pending)} task(s) never finished"
+
+
+async def assert_each_done_once(bus: Bus, task_ids: list[str]) -> None:
+    for task_id in task_ids:
+        kinds = Counter(event.token for _, event in await bus.task_story(task_id))
+        once = {k: kinds[k] for k in ("requested", "submitted", "completed", "stored")}
+        assert set(once.values()) == {1}, (task_id, kinds)
