@@ -8,6 +8,7 @@ with bad ones; no COS credential appears in a log line, an event or a response.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -134,3 +135,21 @@ def test_a_revoked_key_leaves_the_task_successful_with_fals_url_and_a_clear_stor
     assert SECRET_KEY not in task["storage_error"] and "q-signature" not in task["storage_error"]
     status = json.loads(stack.cli("status", "--json"))
     assert status["dead_letters"].get("uploader") == 1, status["dead_letters"]
+
+
+def test_the_openai_images_route_hands_out_signed_urls_and_reads_the_bytes_through_cos(stack, cos):
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=60) as client:
+        by_url = client.post("/v1/images/generations", json={"prompt": "a lantern", "response_format": "url"})
+        assert by_url.status_code == 200, by_url.text
+        url = by_url.json()["data"][0]["url"]
+        reads_before = cos.sim.count("GET", 200)
+        inline = client.post(
+            "/v1/images/generations", json={"prompt": "a kite", "response_format": "b64_json"}
+        )
+        assert inline.status_code == 200, inline.text
+    assert cos.sim.count("GET", 200) == reads_before + 1, "the b64 answer was read from the bucket"
+    assert url.startswith(f"{cos.url}/users/dev/") and "q-signature=" in url
+    fetched = httpx.get(url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
+    data = base64.b64decode(inline.json()["data"][0]["b64_json"])
+    assert any(stored.data == data for stored in cos.sim.objects.values())
