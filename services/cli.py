@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Coroutine
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -34,6 +35,7 @@ DataDir = Annotated[
 DEFAULT_DATA_DIR = Path(".data")
 RUNTIME_FILE = "runtime.json"
 SECRET_FILE = "jwt-secret"
+IDEMPOTENCY_SECRET_FILE = "idempotency-secret"
 
 
 class Service(StrEnum):
@@ -46,6 +48,7 @@ class Service(StrEnum):
 
 
 WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader)
+DEV_TOKEN_TTL = timedelta(days=365)
 
 
 def load_settings(data_dir: Path = DEFAULT_DATA_DIR) -> Settings:
@@ -55,7 +58,18 @@ def load_settings(data_dir: Path = DEFAULT_DATA_DIR) -> Settings:
     secret = data_dir / SECRET_FILE
     if "FLUXPIPE_JWT_SECRET" not in os.environ and secret.exists():
         extra["FLUXPIPE_JWT_SECRET"] = secret.read_text().strip()
+    extra.update(operator_nats_env(data_dir))
     return Settings(**extra)
+
+
+def operator_nats_env(data_dir: Path) -> dict[str, str]:
+    """The operators' own NATS user of the stack in ``data_dir``, unless NATS_USER is set."""
+    from services.common.nats_auth import OPERATOR, USERS_FILE, service_env
+
+    users_file = data_dir / USERS_FILE
+    if "NATS_USER" in os.environ or not users_file.exists():
+        return {}
+    return service_env(json.loads(users_file.read_text()), OPERATOR)
 
 
 def running_stack(data_dir: Path) -> dict[str, str]:
@@ -96,10 +110,12 @@ def _run_tool(work: Coroutine[Any, Any, T]) -> T:
 
 
 async def _connect(settings: Settings) -> Bus:
-    from services.common.bus import Bus
+    from services.common.bus import Bus, NatsCredentialsRejected
 
     try:
         return await Bus.connect(settings, "cli", ensure=False, reconnect=False)
+    except NatsCredentialsRejected as exc:
+        _fail(str(exc))
     except Exception as exc:
         _fail(f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); is the stack running?")
 
@@ -131,8 +147,13 @@ def run(
 
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
         return
+    from services.common.bus import NatsCredentialsRejected
+
     module = __import__(f"services.{service.value}.main", fromlist=["main"])
-    asyncio.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+    try:
+        asyncio.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+    except NatsCredentialsRejected as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -147,10 +168,18 @@ def migrate(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 def token(
     user: Annotated[str, typer.Option(help="User id (the token's subject)")],
     admin: Annotated[bool, typer.Option("--admin", help="Grant admin rights")] = False,
+    ttl: Annotated[
+        str, typer.Option(help="How long the token is valid: e.g. 30m, 12h, 7d (default 12h)")
+    ] = "12h",
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Print a bearer token the gateway accepts (HS256 JWT signed with the configured secret)."""
-    from services.common.auth import issue_token
+    from services.common.auth import issue_token, parse_ttl
+
+    try:
+        lifetime = parse_ttl(ttl)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ttl") from exc
 
     settings = load_settings(data_dir)
     if not settings.jwt_secret.get_secret_value():
@@ -158,7 +187,7 @@ def token(
             f"no signing secret: {data_dir / SECRET_FILE} does not exist (run this where `fluxpipe up` "
             "keeps its data, or pass --data-dir) and FLUXPIPE_JWT_SECRET is not set"
         )
-    typer.echo(issue_token(settings, user, admin=admin))
+    typer.echo(issue_token(settings, user, admin=admin, ttl=lifetime))
 
 
 def _summary(event: Any) -> str:
@@ -257,6 +286,7 @@ def up(
         wait_for_port,
     )
     from services.common.migrate import upgrade
+    from services.common.nats_auth import authorization_block, load_or_create_users, service_env
     from services.common.supervisor import Supervisor
 
     if "FAL_BASE_URL" in os.environ and not os.environ.get("FAL_KEY"):
@@ -281,11 +311,21 @@ def up(
     runtime = data_dir / RUNTIME_FILE
     try:
         env.setdefault("FLUXPIPE_JWT_SECRET", load_or_create_secret(data_dir / SECRET_FILE))
+        env.setdefault(
+            "FLUXPIPE_IDEMPOTENCY_SECRET", load_or_create_secret(data_dir / IDEMPOTENCY_SECRET_FILE)
+        )
+        nats_users: dict[str, str] = {}
         env.setdefault("FLUXPIPE_STORAGE_DIR", str(data_dir / "storage"))
         env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
         env["PYTHONUNBUFFERED"] = "1"
         if "NATS_URL" not in os.environ:
-            nats_server = EmbeddedNats.start(data_dir / "nats", sync_always=fsync)
+            nats_users = load_or_create_users(data_dir)
+            base = Settings()
+            nats_server = EmbeddedNats.start(
+                data_dir / "nats",
+                sync_always=fsync,
+                auth=authorization_block(nats_users, base.stream_name, base.subject_prefix),
+            )
             started.append(nats_server)
             env["NATS_URL"] = nats_server.url
         if "DATABASE_URL" not in os.environ:
@@ -304,9 +344,13 @@ def up(
             env.setdefault("FLUXPIPE_SIM_DATA_DIR", str(sim_dir))
             simulator = children.spawn(Service.simulator, "--port", str(sim_port))
             wait_for_port("127.0.0.1", sim_port, 30, simulator)
+
+        def own_user(service: Service) -> dict[str, str]:
+            return service_env(nats_users, service.value) if nats_users else {}
+
         for worker in WORKERS:
-            children.spawn(worker)
-        children.spawn(Service.gateway, "--port", str(port))
+            children.spawn(worker, env=own_user(worker))
+        children.spawn(Service.gateway, "--port", str(port), env=own_user(Service.gateway))
         gateway = f"http://127.0.0.1:{port}"
         _wait_ready(gateway, children)
         runtime.touch(mode=0o600)
@@ -320,9 +364,11 @@ def up(
                 }
             )
         )
-        token = issue_token(settings, "dev")
+        token = issue_token(settings, "dev", ttl=DEV_TOKEN_TTL)
         typer.echo(
             f"\nfluxpipe is up\n  gateway: {gateway}  (API docs at {gateway}/docs)\n  token:   {token}\n"
+            f"           (user 'dev'; a long-lived dev token, valid {DEV_TOKEN_TTL.days} days: "
+            "`fluxpipe token --user NAME` for short-lived ones)\n"
             f"  try:     curl -s -X POST {gateway}/api/flux/text-to-image -H 'Authorization: Bearer {token}' "
             "-H 'Content-Type: application/json' -d '{\"prompt\": \"a lighthouse at dawn\"}'\n"
             "Press Ctrl-C to stop.\n"

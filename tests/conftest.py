@@ -28,6 +28,7 @@ from services.simulator.app import SimulatorSettings
 from tests.simulator_server import running_simulator
 
 SECRET = "test-secret-" + "x" * 40
+IDEMPOTENCY_SECRET = "test-idempotency-" + "y" * 40
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +81,7 @@ def settings(nats_url: str, tmp_path: Path) -> Settings:
         FLUXPIPE_STREAM=f"TEST_{tag}",
         FLUXPIPE_SUBJECT_PREFIX=f"t{tag}",
         FLUXPIPE_JWT_SECRET=SECRET,
+        FLUXPIPE_IDEMPOTENCY_SECRET=IDEMPOTENCY_SECRET,
         FLUXPIPE_STORAGE_DIR=str(tmp_path / "storage"),
         FAL_KEY="fal-test-key-0123456789",
     )

@@ -37,6 +37,7 @@ def service_env(settings: Settings, database_url: str, fal_url: str, storage: Pa
         FLUXPIPE_SUBJECT_PREFIX=settings.subject_prefix,
         FLUXPIPE_STREAM_REPLICAS=str(settings.stream_replicas),
         FLUXPIPE_JWT_SECRET=SECRET,
+        FLUXPIPE_IDEMPOTENCY_SECRET=SECRET + "-idempotency",
         FLUXPIPE_STORAGE_DIR=str(storage),
         FLUXPIPE_POLL_MIN="0.1",
         FLUXPIPE_POLL_MAX="0.3",

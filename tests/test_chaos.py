@@ -27,10 +27,10 @@ from tests.conftest import SECRET
 from tests.processes import assert_each_done_once, service_env, services, submit, wait_all_stored
 from tests.simulator_server import running_simulator
 
-pytestmark = pytest.mark.timeout(420 + PER_ROUND * 20)
-
 ROUNDS = ("projector", "submitter", "poller", "uploader", "gateway", "NATS", "PostgreSQL")
 PER_ROUND = int(os.environ.get("FLUXPIPE_CHAOS_PER_ROUND", "6"))
+
+pytestmark = pytest.mark.timeout(420 + PER_ROUND * 20)
 
 
 async def fresh_fold(bus: Bus, task_ids: list[str]) -> dict[str, dict]:

@@ -2,7 +2,8 @@
 
 Invariants:
 - The stream and every durable consumer are declared here, in code, and applied idempotently
-  at start (``ensure_stream``, ``Consumer``).
+  at start (``ensure_stream``, ``Consumer``). An existing stream is only checked (subjects,
+  retention), never rewritten: its limits belong to the operator once it exists.
 - Every publish carries ``Nats-Msg-Id`` = the event's deterministic ``msg_id``; a publish
   retried after a crash inside the duplicate window is dropped by the server.
 - A handled message is acked only after the handler returned, i.e. after its effect is done
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 DUPLICATE_WINDOW_SECONDS = 10 * 60
 
 
+class NatsCredentialsRejected(RuntimeError):
+    """NATS refused this process's user or password: a configuration error, so fail at once."""
+
+
 class PermanentError(Exception):
     """A message that will never succeed: dead-letter it now instead of retrying."""
 
@@ -65,18 +70,34 @@ class Bus:
             # nats-py keeps retrying a first connect unless this is > 0 (0 and -1 mean forever).
             options = {"max_reconnect_attempts": 1, "reconnect_time_wait": 0.5, "connect_timeout": 3}
 
-        async def quiet(exc: Exception) -> None:
-            log.debug("nats: %r", exc)
+        if settings.nats_user:
+            options["user"] = settings.nats_user
+            options["password"] = settings.nats_password.get_secret_value()
+        connecting = True
+
+        async def on_error(exc: Exception) -> None:
+            if connecting and "authorization violation" in str(exc).lower():
+                raise NatsCredentialsRejected(
+                    f"NATS at {settings.nats_url} refused the credentials of {name} "
+                    f"(NATS_USER={settings.nats_user or '(unset)'}): check NATS_USER / NATS_PASSWORD"
+                ) from exc
+            if reconnect:
+                log.error("nats: %r", exc)
+            else:
+                log.debug("nats: %r", exc)
 
         servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]  # a cluster
-        nc = await nats.connect(
-            servers, name=f"fluxpipe-{name}", error_cb=None if reconnect else quiet, **options
-        )
+        nc = await nats.connect(servers, name=f"fluxpipe-{name}", error_cb=on_error, **options)
+        connecting = False
         bus = cls(
             nc=nc, js=nc.jetstream(timeout=10), stream=settings.stream_name, prefix=settings.subject_prefix
         )
         if ensure:
-            await bus.ensure_stream(replicas=settings.stream_replicas)
+            await bus.ensure_stream(
+                replicas=settings.stream_replicas,
+                max_age=settings.stream_max_age_seconds,
+                max_bytes=settings.stream_max_bytes,
+            )
         return bus
 
     async def close(self) -> None:
@@ -98,21 +119,52 @@ class Bus:
     def is_dead_letter(self, subject: str) -> bool:
         return subject.startswith(f"{self.prefix}.dlq.")
 
-    async def ensure_stream(self, replicas: int = 1) -> api.StreamInfo:
-        """Create the stream, or bring an existing one to this configuration."""
-        config = api.StreamConfig(
-            name=self.stream,
-            subjects=[f"{self.prefix}.>"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            num_replicas=replicas,
-            duplicate_window=DUPLICATE_WINDOW_SECONDS,
-            allow_direct=True,
-        )
+    async def ensure_stream(
+        self, replicas: int = 1, *, max_age: float = 0.0, max_bytes: int = -1
+    ) -> api.StreamInfo:
+        """Create the stream if it is missing; an existing one is only checked, never changed,
+        so limits an operator set (``nats stream edit``) survive every service start.
+
+        Retention: ``limits`` with ``max_age`` / ``max_bytes`` (0 / -1 = keep everything, the
+        default: the log is the source of truth and ``fluxpipe replay`` rebuilds from it);
+        past a limit the oldest events are discarded.
+        """
         try:
-            return await self.js.add_stream(config)
-        except BadRequestError:
-            return await self.js.update_stream(config)
+            info = await self.js.stream_info(self.stream)
+        except NotFoundError:
+            config = api.StreamConfig(
+                name=self.stream,
+                subjects=[f"{self.prefix}.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=replicas,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                allow_direct=True,
+                max_age=max_age or None,
+                max_bytes=max_bytes,
+                discard=api.DiscardPolicy.OLD,
+            )
+            try:
+                return await self.js.add_stream(config)
+            except BadRequestError:  # created meanwhile by another service
+                info = await self.js.stream_info(self.stream)
+        self.check_stream(info)
+        return info
+
+    def check_stream(self, info: api.StreamInfo) -> None:
+        """What must hold of an existing stream for the pipeline to work at all."""
+        config = info.config
+        wanted = f"{self.prefix}.>"
+        if wanted not in (config.subjects or []):
+            raise RuntimeError(
+                f"stream {self.stream} does not capture {wanted!r} (its subjects: {config.subjects}); "
+                "fix the stream or FLUXPIPE_SUBJECT_PREFIX"
+            )
+        if config.retention not in (None, api.RetentionPolicy.LIMITS):
+            raise RuntimeError(
+                f"stream {self.stream} has retention {config.retention}; the event log needs 'limits' "
+                "(every consumer reads every event)"
+            )
 
     async def dead_letter(self, durable: str, subject: str, seq: int, data: bytes, reason: str) -> None:
         """Copy a message ``durable`` will never apply to ``<prefix>.dlq.<durable>``, with why."""

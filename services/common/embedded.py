@@ -98,15 +98,24 @@ class EmbeddedNats:
 
     @classmethod
     def start(
-        cls, data_dir: Path, port: int = 0, log_file: Path | None = None, *, sync_always: bool = True
+        cls,
+        data_dir: Path,
+        port: int = 0,
+        log_file: Path | None = None,
+        *,
+        sync_always: bool = True,
+        auth: str = "",
     ) -> EmbeddedNats:
+        """``auth``: an ``authorization { … }`` block (services/common/nats_auth.py), or none."""
         data_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         config = data_dir / "nats.conf"
         sync = "  sync_interval: always\n" if sync_always else ""
         config.write_text(
             f'listen: "127.0.0.1:{port}"\njetstream {{\n  store_dir: "{data_dir / "jetstream"}"\n{sync}}}\n'
+            + auth
         )
+        config.chmod(0o600)
         log = open(log_file or data_dir / "nats.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(config)],

@@ -34,6 +34,10 @@ def setup_logging(settings: Settings, service: str) -> None:
             [
                 settings.fal_key.get_secret_value(),
                 settings.jwt_secret.get_secret_value(),
+                settings.idempotency_secret.get_secret_value(),
+                settings.nats_password.get_secret_value(),
+                settings.webui_secret_key.get_secret_value(),
+                settings.webui_forwarded_jwt_secret.get_secret_value(),
                 settings.cos_secret_key.get_secret_value(),
                 settings.cos_token.get_secret_value(),
             ],

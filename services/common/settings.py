@@ -49,6 +49,37 @@ class Settings(BaseSettings):
     openai_model_aliases: dict[str, str] = Field(
         default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
     )
+    # Users and secrets (services/common/auth.py; README "Authentication").
+    idempotency_secret: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_IDEMPOTENCY_SECRET")
+    webui_secret_key: SecretStr = Field(SecretStr(""), validation_alias="WEBUI_SECRET_KEY")
+    webui_forwarded_jwt_secret: SecretStr = Field(
+        SecretStr(""), validation_alias="FLUXPIPE_WEBUI_FORWARDED_JWT_SECRET"
+    )
+    service_keys: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_SERVICE_KEYS")
+    admin_users: str = Field("", validation_alias="FLUXPIPE_ADMIN_USERS")
+    body_limit_bytes: int = Field(1024 * 1024, ge=1, validation_alias="FLUXPIPE_MAX_BODY_BYTES")
+    body_limits: str = Field(
+        "/api/flux/upload-image=11534336,/v1/images/edits=46137344", validation_alias="FLUXPIPE_BODY_LIMITS"
+    )
+    nats_user: str = Field("", validation_alias="NATS_USER")
+    nats_password: SecretStr = Field(SecretStr(""), validation_alias="NATS_PASSWORD")
+    stream_max_age_seconds: float = Field(0.0, ge=0, validation_alias="FLUXPIPE_STREAM_MAX_AGE")
+    stream_max_bytes: int = Field(-1, ge=-1, validation_alias="FLUXPIPE_STREAM_MAX_BYTES")
+
+    @property
+    def admin_user_ids(self) -> frozenset[str]:
+        """``FLUXPIPE_ADMIN_USERS``: comma-separated user ids with admin rights."""
+        return frozenset(u.strip() for u in self.admin_users.split(",") if u.strip())
+
+    @property
+    def body_limit_prefixes(self) -> dict[str, int]:
+        """``FLUXPIPE_BODY_LIMITS``: ``/path/prefix=bytes,…``, overriding ``FLUXPIPE_MAX_BODY_BYTES``."""
+        limits: dict[str, int] = {}
+        for item in self.body_limits.split(","):
+            if item.strip():
+                prefix, _, size = item.partition("=")
+                limits[prefix.strip()] = int(size)
+        return limits
 
     # Object storage: ``local`` (a folder the gateway serves) or ``cos`` (Tencent COS); see
     # docs/DEPLOYMENT.md. COS credentials are secrets like the fal key.

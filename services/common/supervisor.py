@@ -29,6 +29,7 @@ class Child:
     name: str
     args: tuple[str, ...]
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
     deaths: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
 
@@ -46,16 +47,17 @@ class Supervisor:
     command: Callable[[str, tuple[str, ...]], list[str]] = fluxpipe_run
     children: list[Child] = field(default_factory=list)
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start ``command(name, args)`` (``fluxpipe run <name> <args…>``) in its own session."""
-        child = Child(name, args)
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``command(name, args)`` (``fluxpipe run <name> <args…>``) in its own session;
+        ``env`` adds to the shared environment for this child alone (e.g. its NATS user)."""
+        child = Child(name, args, env=env or {})
         self.children.append(child)
         return self._start(child)
 
     def _start(self, child: Child) -> subprocess.Popen[bytes]:
         child.proc = subprocess.Popen(
             self.command(child.name, child.args),
-            env=self.env,
+            env={**self.env, **child.env},
             start_new_session=True,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )

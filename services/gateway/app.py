@@ -13,7 +13,7 @@ import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +24,7 @@ from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 from services.common.storage import make_storage
+from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
 from services.gateway.routes import flux, openai_images
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
         errors = jsonable_encoder(exc.errors())
-        return JSONResponse(status_code=422, content={"message": _describe(errors), "detail": errors})
+        content = {"message": _describe(errors), "detail": errors}
+        return Response(json_bytes(content), status_code=422, media_type="application/json")
 
     @app.exception_handler(nats.errors.Error)
     async def on_event_log_down(request: Request, exc: nats.errors.Error) -> JSONResponse:
@@ -124,6 +126,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(flux.router)
     app.include_router(openai_images.router)
+    app.add_middleware(ErrorBoundary)
+    app.add_middleware(BodyLimit, default=settings.body_limit_bytes, prefixes=settings.body_limit_prefixes)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")

@@ -8,12 +8,15 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.common.auth import InvalidToken, Principal, verify_token
+from services.common.auth import Forbidden, InvalidToken, Principal, authenticate
 from services.common.bus import Bus
 from services.common.settings import Settings
 from services.common.storage import Storage
 
-_bearer = HTTPBearer(auto_error=False, description="HS256 JWT from `fluxpipe token`")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="`fluxpipe token`, an Open WebUI session token, or a service key (README, Authentication)",
+)
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -39,20 +42,30 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 def current_user(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    if credentials is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing bearer token (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    """The authenticated caller (services/common/auth.py); 401 or 403 naming what was wrong."""
     try:
-        return verify_token(settings, credentials.credentials)
+        return authenticate(settings, credentials.credentials if credentials else None, request.headers)
     except InvalidToken as exc:
+        message = str(exc) if credentials is None else f"invalid token: {exc}"
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, f"invalid token: {exc}", headers={"WWW-Authenticate": "Bearer"}
+            status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
         ) from exc
+    except Forbidden as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from exc
 
 
 CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+def admin_user(user: CurrentUser) -> Principal:
+    """The caller, if an admin; 403 otherwise."""
+    if not user.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"user {user.user_id!r} is not an admin")
+    return user
+
+
+AdminUser = Annotated[Principal, Depends(admin_user)]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
@@ -14,20 +16,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from schemas.api import HistoryPage, TaskAccepted, TaskOut, TextToImageRequest
 from schemas.catalog import MODELS, Family
 from schemas.events import TaskRequested, TaskRequestedData, TaskStatus
-from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
 from services.common.storage import Storage, fresh_urls
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep, StorageDep
+from services.gateway.from_log import task_from_log
+from services.gateway.guards import database_unreachable
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
+log = logging.getLogger(__name__)
+MAX_PAGE = 100_000  # keeps the row offset far inside PostgreSQL's bigint
 
 tasks = cast(Table, FluxTask.__table__)
 
 
 def new_task_id(user_id: str, idempotency_key: str | None, secret: str) -> str:
     """A random id, or with an ``Idempotency-Key`` the same id for the same user and key: keyed
-    with the server's secret, so nobody can work out a task id (and its image URL) from them."""
+    with ``FLUXPIPE_IDEMPOTENCY_SECRET`` (not the token secret, so rotating that never turns a
+    retried submit into a second job), so nobody can work out a task id from them."""
     if idempotency_key:
         digest = hmac.new(secret.encode(), f"{user_id}\n{idempotency_key}".encode(), hashlib.sha256)
         return digest.hexdigest()[:32]
@@ -49,7 +55,7 @@ async def text_to_image(
     With an ``Idempotency-Key`` a retried submit returns the same task; the same key with a
     different job is a 409, never a silent answer about the other job.
     """
-    task_id = new_task_id(user.user_id, idempotency_key, settings.jwt_secret.get_secret_value())
+    task_id = new_task_id(user.user_id, idempotency_key, settings.idempotency_secret.get_secret_value())
     response.headers["Location"] = f"/api/flux/task/{task_id}"
     model = body.model or settings.default_model
     spec = MODELS[model]
@@ -104,8 +110,8 @@ async def current_status(engine: AsyncEngine, task_id: str) -> TaskStatus:
     return cast(TaskStatus, found or "PENDING")
 
 
-def task_out(row: Any, storage: Storage | None = None) -> TaskOut:
-    data = dict(row._mapping)
+def task_out(row: Mapping[Any, Any], storage: Storage | None = None) -> TaskOut:
+    data = dict(row)
     if storage is not None and data["cloud_images"]:
         data["cloud_image_url"], data["cloud_images"] = fresh_urls(storage, data["cloud_images"])
     return TaskOut(
@@ -116,48 +122,26 @@ def task_out(row: Any, storage: Storage | None = None) -> TaskOut:
     )
 
 
-def _pending_from_event(event: TaskRequested) -> TaskOut:
-    d = event.data
-    return TaskOut(
-        id=event.task_id,
-        status="PENDING",
-        model=d.model,
-        task_type=d.task_type,
-        prompt=d.prompt,
-        num_images=d.num_images,
-        aspect_ratio=d.aspect_ratio,
-        guidance_scale=d.guidance_scale,
-        num_inference_steps=d.num_inference_steps,
-        seed=d.seed,
-        safety_tolerance=d.safety_tolerance,
-        strength=d.strength,
-        input_image_url=d.image_urls[0] if d.image_urls else None,
-        created_at=event.occurred_at,
-    )
-
-
-async def _not_yet_projected(bus: Bus, task_id: str, user: Principal) -> TaskOut | None:
-    """A task accepted moments ago may not be in the read model yet: answer from the log."""
-    event = await bus.last_event(task_id, "requested")
-    if isinstance(event, TaskRequested) and (user.admin or event.user_id == user.user_id):
-        return _pending_from_event(event)
-    return None
-
-
 @router.get("/task/{task_id}", response_model=TaskOut)
 async def get_task(
     task_id: str, user: CurrentUser, engine: EngineDep, bus: BusDep, storage: StorageDep
 ) -> TaskOut:
-    """One task of the caller (any task for an admin)."""
+    """One task of the caller (any task for an admin); from the event log if PostgreSQL is down."""
     query = select(tasks).where(tasks.c.id == task_id)
     if not user.admin:
         query = query.where(tasks.c.user_id == user.user_id)
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+    except Exception as exc:
+        if not database_unreachable(exc):
+            raise
+        log.warning("task database unavailable, answering task %s from the event log: %r", task_id, exc)
+        row = None
     if row is not None:
-        return task_out(row, storage)
-    if task_id.isalnum() and (pending := await _not_yet_projected(bus, task_id, user)):
-        return pending
+        return task_out(row._mapping, storage)
+    if folded := await task_from_log(bus, task_id, user):
+        return task_out(folded, storage)
     raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
 
 
@@ -166,7 +150,7 @@ async def history(
     user: CurrentUser,
     engine: EngineDep,
     storage: StorageDep,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> HistoryPage:
     """The caller's Flux tasks, newest first."""
@@ -182,4 +166,6 @@ async def history(
                 .offset((page - 1) * limit)
             )
         ).all()
-    return HistoryPage(items=[task_out(r, storage) for r in rows], total=total, page=page, limit=limit)
+    return HistoryPage(
+        items=[task_out(r._mapping, storage) for r in rows], total=total, page=page, limit=limit
+    )
