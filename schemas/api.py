@@ -5,9 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.catalog import ASPECT_RATIOS, MODELS, TEXT_TO_IMAGE_MODELS, Family, Mode
+from schemas.catalog import (
+    ASPECT_RATIOS,
+    IMAGE_MODELS,
+    MODELS,
+    TEXT_TO_IMAGE_MODELS,
+    Family,
+    Mode,
+    ModelParams,
+    ModelSpec,
+    params_model,
+)
 from schemas.events import TaskStatus
 
 AspectRatio = Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
@@ -94,6 +104,7 @@ class TaskOut(BaseModel):
     safety_tolerance: str | None = None
     strength: float | None = None
     input_image_url: str | None = None
+    input_image_urls: list[str] | None = None
     generation_time: float | None = None
     queue_position: int | None = None
     error_message: str | None = None
@@ -108,3 +119,104 @@ class HistoryPage(BaseModel):
     total: int
     page: int
     limit: int
+
+
+class ModelInfo(BaseModel):
+    """One model of ``GET /api/flux/models``; ``parameters`` is the JSON Schema of its job body
+    (without ``model``), generated from the catalog's declaration of the model."""
+
+    id: str
+    name: str
+    mode: Mode
+    family: Family
+    task_type: Literal["text_to_image", "image_to_image"]
+    route: str
+    min_images: int
+    max_images: int
+    image_field: Literal["image_url", "image_urls"] | None
+    parameters: dict[str, Any]
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    image_field: Literal["image_url", "image_urls"] | None = None
+    if spec.needs_image:
+        image_field = "image_urls" if spec.max_images > 1 else "image_url"
+    return ModelInfo(
+        id=spec.id,
+        name=spec.name,
+        mode=spec.mode,
+        family=spec.family,
+        task_type=spec.task_type,
+        route="/api/flux/image-to-image" if spec.needs_image else "/api/flux/text-to-image",
+        min_images=spec.min_images,
+        max_images=spec.max_images,
+        image_field=image_field,
+        parameters=params_model(spec).model_json_schema(),
+    )
+
+
+DEFAULT_IMAGE_MODEL = "fal-ai/flux-1/dev/image-to-image"
+
+
+class InvalidJob(ValueError):
+    """A job refused before anything is published; ``errors`` are in pydantic's shape, with
+    ``loc`` starting at ``body`` as FastAPI reports request errors."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(str(e["msg"]) for e in errors))
+        self.errors = errors
+
+
+def _invalid(loc: tuple[str | int, ...], msg: str, type_: str = "value_error") -> InvalidJob:
+    return InvalidJob([{"loc": ("body", *loc), "msg": msg, "type": type_}])
+
+
+def parse_image_job(body: Any) -> tuple[ModelSpec, ModelParams]:
+    """The model and validated parameters of an ``image-to-image`` body, or ``InvalidJob``.
+
+    ``model`` picks the model (``fal-ai/flux-1/dev/image-to-image`` when omitted); every other
+    field is validated by that model's parameter model, so a field the model does not take is
+    refused with the list of those it does take.
+    """
+    if not isinstance(body, dict):
+        raise _invalid((), "the request body must be a JSON object", "model_type")
+    fields = dict(body)
+    model = fields.pop("model", None) or DEFAULT_IMAGE_MODEL
+    allowed = ", ".join(IMAGE_MODELS)
+    spec = MODELS.get(model) if isinstance(model, str) else None
+    if spec is None:
+        raise _invalid(("model",), f"unknown model {model!r}; image models: {allowed}")
+    if not spec.needs_image:
+        raise _invalid(
+            ("model",),
+            f"model {model!r} takes no input image; use POST /api/flux/text-to-image, "
+            f"or one of the image models: {allowed}",
+        )
+    params = params_model(spec)
+    try:
+        return spec, params.model_validate(fields)
+    except ValidationError as exc:
+        takes = ", ".join(["model", *params.model_fields])
+        errors: list[dict[str, Any]] = []
+        for err in exc.errors(include_url=False):
+            entry: dict[str, Any] = {"loc": ("body", *err["loc"]), "msg": err["msg"], "type": err["type"]}
+            if err["type"] == "extra_forbidden":
+                entry["msg"] = f"{spec.id} does not take this field; it takes {takes}"
+            elif err["type"] == "missing":
+                entry["msg"] = f"Field required by {spec.id}"
+            errors.append(entry)
+        raise InvalidJob(errors) from None
+
+
+class UploadedImage(BaseModel):
+    """An input image stored by ``POST /api/flux/upload-image``: re-encoded, ready for
+    ``image_url`` / ``image_urls``."""
+
+    url: str
+    key: str
+    content_type: str
+    type: Literal["jpeg", "png", "webp"]
+    width: int
+    height: int
+    size: int
+    filename: str | None = None

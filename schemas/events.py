@@ -10,10 +10,16 @@ filter ``<prefix>.task.<task_id>.>``. ``msg_id`` is deterministic (task, event a
 repeatable events, a sequence number; ``end`` for every terminal event) and is sent as
 ``Nats-Msg-Id`` so a publish retried after a crash is dropped by the server's
 de-duplication window.
+
+Events about no single task live on their own subjects: ``<prefix>.config.changed`` (the
+whole configuration after each change) and the per-user ledger ``<prefix>.credits.<user>``
+(every credit movement, each carrying the balance after it; see services/common/credits.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 from uuid import UUID, uuid4
@@ -203,6 +209,217 @@ class TaskCancelled(FluxEvent):
     data: TaskCancelledData
 
 
+# --- the unified history: other generators' items, and hiding an item ----------------------
+#
+# Not about one of our tasks: ``task_id`` is the item's id in its generator (for a Flux item,
+# our task id). They live on ``<prefix>.history.<source>.<item>.<token>``, which the projector
+# follows and no worker consumes.
+
+HistorySource = Literal["flux", "midjourney", "jimeng"]
+ExternalSource = Literal["midjourney", "jimeng"]
+_SUBJECT_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def subject_token(item_id: str) -> str:
+    """``item_id`` as one subject token: itself when it is safe there, else a digest of it."""
+    if _SUBJECT_SAFE.fullmatch(item_id):
+        return item_id
+    return "h" + hashlib.sha256(item_id.encode()).hexdigest()[:40]
+
+
+class HistoryItemRecordedData(_Frozen):
+    source: ExternalSource
+    status: TaskStatus
+    model: str | None = None
+    prompt: str | None = None
+    image_url: str | None = Field(None, description="the generator's (provider's) image URL")
+    cloud_image_url: str | None = Field(None, description="our storage's copy, preferred when present")
+    created_at: datetime
+
+
+class HistoryItemHiddenData(_Frozen):
+    source: HistorySource
+
+
+class HistoryEvent(FluxEvent):
+    """An event of the unified history, on ``<prefix>.history.<source>.<item>.<token>``."""
+
+    @property
+    def source(self) -> str:
+        raise NotImplementedError
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.history.{self.source}.{subject_token(self.task_id)}.{self.token}"
+
+    @property
+    def msg_id(self) -> str:
+        return f"history.{self.source}.{subject_token(self.task_id)}.{self.token}"
+
+
+class HistoryItemRecorded(HistoryEvent):
+    """An item of another generator (Midjourney, Jimeng), as its backend or an import saw it.
+
+    ``msg_id`` carries a digest of the data: the same item recorded twice with the same data is
+    one event, a changed item (a later status, a stored copy) is a new one."""
+
+    token: ClassVar[str] = "recorded"
+    type: Literal["history.item_recorded"] = "history.item_recorded"
+    data: HistoryItemRecordedData
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+    @property
+    def msg_id(self) -> str:
+        digest = hashlib.sha256(self.data.model_dump_json().encode()).hexdigest()[:16]
+        return f"{super().msg_id}.{digest}"
+
+
+class HistoryItemHidden(HistoryEvent):
+    """The item's owner (``user_id``) hid it from their unified history."""
+
+    token: ClassVar[str] = "hidden"
+    type: Literal["history.item_hidden"] = "history.item_hidden"
+    data: HistoryItemHiddenData
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+
+# --- configuration and credits: not about one task, so on their own subjects ----------------
+#
+# ``task_id`` is ``NO_TASK`` for events that are about no task (a config change, a grant).
+
+
+NO_TASK = "-"
+
+
+class ConfigChangedData(_Frozen):
+    """The whole provider configuration after a change (not a diff), so the last message on
+    ``<prefix>.config.changed`` is all a service needs. The fal key travels only as Fernet
+    ciphertext (``api_key_encrypted``); ``None`` means "use the ``FAL_KEY`` setting"."""
+
+    base_url: str
+    enabled: bool
+    timeout: int = Field(ge=1)
+    max_concurrent_tasks: int = Field(ge=1)
+    default_model: str
+    credit_costs: dict[str, int] = Field(default_factory=dict)
+    api_key_encrypted: str | None = None
+    changed: tuple[str, ...] = ()
+
+
+class ConfigChanged(FluxEvent):
+    """An admin changed the configuration; ``user_id`` is who."""
+
+    token: ClassVar[str] = "changed"
+    type: Literal["config.changed"] = "config.changed"
+    data: ConfigChangedData
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.config.changed"
+
+    @property
+    def msg_id(self) -> str:
+        return f"config.{self.event_id}"
+
+
+class LedgerState(_Frozen):
+    """A user's ledger after a movement: what is spendable, what was ever charged, and the
+    credits held by each task not yet ended (task id -> amount; 0 when only a slot is held)."""
+
+    balance_after: int = Field(ge=0)
+    used_after: int = Field(ge=0)
+    open_after: dict[str, int] = Field(default_factory=dict)
+
+
+class CreditsGrantedData(LedgerState):
+    amount: int
+    actor: str
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class CreditsHeldData(LedgerState):
+    amount: int = Field(ge=0)
+    model: str
+    request: TaskRequested
+
+
+class CreditsSettledData(LedgerState):
+    amount: int = Field(ge=0)
+
+
+class _LedgerEvent(FluxEvent):
+    """One movement on the user's ledger subject ``<prefix>.credits.<user>``."""
+
+    def subject(self, prefix: str) -> str:
+        return f"{prefix}.credits.{ledger_token(self.user_id)}"
+
+
+class CreditsGranted(_LedgerEvent):
+    """An admin (``data.actor``) granted or, with a negative amount, took back credits."""
+
+    token: ClassVar[str] = "granted"
+    type: Literal["credits.granted"] = "credits.granted"
+    data: CreditsGrantedData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.granted.{self.event_id}"
+
+
+class CreditsHeld(_LedgerEvent):
+    """A job's cost held at request time; carries the request so a sweeper can publish it."""
+
+    token: ClassVar[str] = "held"
+    type: Literal["credits.held"] = "credits.held"
+    data: CreditsHeldData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.{self.task_id}.held"
+
+
+class _Settled(_LedgerEvent):
+    """A charge or a refund: they share the msg id ``credits.<task>.settled``, so whichever is
+    published first is the only one the server keeps (within the duplicate window)."""
+
+    data: CreditsSettledData
+
+    @property
+    def msg_id(self) -> str:
+        return f"credits.{self.task_id}.settled"
+
+
+class CreditsCharged(_Settled):
+    """The held cost of a task that succeeded, spent for good."""
+
+    token: ClassVar[str] = "charged"
+    type: Literal["credits.charged"] = "credits.charged"
+
+
+class CreditsRefunded(_Settled):
+    """The held cost of a task that failed or was cancelled, given back."""
+
+    token: ClassVar[str] = "refunded"
+    type: Literal["credits.refunded"] = "credits.refunded"
+
+
+LedgerEvent = CreditsGranted | CreditsHeld | CreditsCharged | CreditsRefunded
+
+
+def ledger_token(user_id: str) -> str:
+    """The user's subject token: the id itself when it is a safe token, else a hash of it."""
+    if _SAFE_TOKEN.fullmatch(user_id) and not user_id.startswith("h-"):
+        return user_id
+    return "h-" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
+
+
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     TaskRequested,
     TaskSubmitted,
@@ -212,6 +429,13 @@ EVENT_TYPES: tuple[type[FluxEvent], ...] = (
     ImagesStored,
     StorageFailed,
     TaskCancelled,
+    HistoryItemRecorded,
+    HistoryItemHidden,
+    ConfigChanged,
+    CreditsGranted,
+    CreditsHeld,
+    CreditsCharged,
+    CreditsRefunded,
 )
 TERMINAL_TOKENS: tuple[str, ...] = tuple(t.token for t in EVENT_TYPES if t.terminal)
 SUPPORTED_VERSIONS: dict[str, int] = {t.model_fields["type"].default: 1 for t in EVENT_TYPES}
@@ -224,7 +448,14 @@ AnyEvent = Annotated[
     | TaskFailed
     | ImagesStored
     | StorageFailed
-    | TaskCancelled,
+    | TaskCancelled
+    | HistoryItemRecorded
+    | HistoryItemHidden
+    | ConfigChanged
+    | CreditsGranted
+    | CreditsHeld
+    | CreditsCharged
+    | CreditsRefunded,
     Field(discriminator="type"),
 ]
 _adapter: TypeAdapter[Any] = TypeAdapter(AnyEvent)

@@ -36,6 +36,7 @@ DEFAULT_DATA_DIR = Path(".data")
 RUNTIME_FILE = "runtime.json"
 SECRET_FILE = "jwt-secret"
 IDEMPOTENCY_SECRET_FILE = "idempotency-secret"
+CONFIG_KEY_FILE = "config-key"
 
 
 class Service(StrEnum):
@@ -45,9 +46,10 @@ class Service(StrEnum):
     uploader = "uploader"
     projector = "projector"
     simulator = "simulator"
+    ledger = "ledger"
 
 
-WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader)
+WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader, Service.ledger)
 DEV_TOKEN_TTL = timedelta(days=365)
 
 
@@ -278,6 +280,7 @@ def up(
     fal simulator. Ctrl-C stops everything it started.
     """
     from services.common.auth import issue_token, load_or_create_secret
+    from services.common.config import load_or_create_config_key
     from services.common.embedded import (
         EmbeddedNats,
         EmbeddedPostgres,
@@ -315,6 +318,7 @@ def up(
             "FLUXPIPE_IDEMPOTENCY_SECRET", load_or_create_secret(data_dir / IDEMPOTENCY_SECRET_FILE)
         )
         nats_users: dict[str, str] = {}
+        env.setdefault("FLUXPIPE_CONFIG_KEY", load_or_create_config_key(data_dir / CONFIG_KEY_FILE))
         env.setdefault("FLUXPIPE_STORAGE_DIR", str(data_dir / "storage"))
         env.setdefault("FLUXPIPE_PUBLIC_URL", f"http://127.0.0.1:{port}")
         env["PYTHONUNBUFFERED"] = "1"
@@ -422,6 +426,16 @@ def _wait_ready(gateway: str, children: Supervisor, timeout: float = 90) -> None
         time.sleep(0.2)
     raise TimeoutError(f"gateway not ready at {gateway} after {timeout}s")
 
+
+from services.ingest import commands as ingest_commands  # noqa: E402
+
+app.command("ingest")(ingest_commands.ingest)
+app.command("import-openwebui")(ingest_commands.import_openwebui)
+from services.ops import commands as ops  # noqa: E402  (operators' commands, registered here)
+
+app.command()(ops.replay)
+app.add_typer(ops.dlq_app, name="dlq")
+app.command()(ops.stuck)
 
 if __name__ == "__main__":
     app()

@@ -8,6 +8,7 @@ its own stream and subject prefix; database tests get a freshly migrated databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.common.bus import Bus
@@ -92,21 +94,30 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     bus = await Bus.connect(settings, "test")
     yield bus
     await bus.js.delete_stream(settings.stream_name)
+    with contextlib.suppress(NotFoundError):  # the gateway's rate-limit bucket, if one was made
+        await bus.js.delete_key_value(f"{settings.stream_name}_ratelimits")
     await bus.close()
 
 
 @pytest.fixture
 async def engine(database_url: str, settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """An engine on the session database, with every read model emptied first."""
+    """An engine on the session database, with every read model emptied first and after."""
     settings.database_url = database_url
     engine = make_engine(settings)
-    async with engine.begin() as conn:
-        from sqlalchemy import text
+    from sqlalchemy import text
 
-        await conn.execute(
-            text("TRUNCATE flux_tasks, image_history, projector_checkpoints, flux_credits, flux_config")
-        )
+    empty = text(
+        "TRUNCATE flux_tasks, image_history, projector_checkpoints, flux_credits, flux_config,"
+        " flux_credit_ledger"
+    )
+    async with engine.begin() as conn:
+        await conn.execute(empty)
     yield engine
+    # Emptied after too: a later test that runs a projector on this database without this
+    # fixture (``fluxpipe up`` on DATABASE_URL) must not start from this test's checkpoint.
+    with contextlib.suppress(Exception):
+        async with engine.begin() as conn:
+            await conn.execute(empty)
     await engine.dispose()
 
 

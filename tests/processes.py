@@ -42,6 +42,7 @@ def service_env(settings: Settings, database_url: str, fal_url: str, storage: Pa
         FLUXPIPE_POLL_MIN="0.1",
         FLUXPIPE_POLL_MAX="0.3",
         FLUXPIPE_FAILOVER_SECONDS="3",
+        FLUXPIPE_RATE_JOBS="0",
         PYTHONUNBUFFERED="1",
         **extra,
     )

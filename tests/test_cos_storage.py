@@ -45,7 +45,7 @@ def fresh(cos: RunningCos) -> RunningCos:
 
 
 def storage_for(cos: RunningCos, **env: str) -> CosStorage:
-    storage = make_storage(Settings(**cos.env(**env)))
+    storage = getattr(make_storage(Settings(**cos.env(**env))), "inner", None)
     assert isinstance(storage, CosStorage)
     return storage
 

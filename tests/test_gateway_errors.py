@@ -163,7 +163,7 @@ async def test_a_1gb_chunked_body_is_cut_off_at_the_limit(client):
 
 
 async def test_upload_routes_have_their_own_larger_limit(client, alice, settings):
-    assert settings.body_limit_prefixes == {"/api/flux/upload-image": 11 * MiB}
+    assert settings.body_limit_prefixes == {"/api/flux/upload-image": 11 * MiB, "/v1/images/edits": 44 * MiB}
     r = await client.post("/api/flux/upload-image", content=b"x" * (2 * MiB), headers=alice)
     assert r.status_code != 413  # within the upload limit (the route itself is another part's)
     too_big = {**alice, "Content-Length": str(12 * MiB)}

@@ -66,7 +66,7 @@ def png(tmp_path: Path, name: str = "input.png") -> Path:
 
 def test_generate_watch_it_finish_and_find_it_in_the_gallery(page: Page) -> None:
     page.get_by_label("Model").select_option("fal-ai/flux-1/schnell")
-    page.get_by_label("Prompt").fill("a paper boat on a pond")
+    page.get_by_label("Prompt", exact=True).fill("a paper boat on a pond")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#task-status")).to_have_text("SUCCESS", timeout=60_000)
     result = page.locator("#task-result img").first
@@ -82,7 +82,7 @@ def test_image_to_image_with_an_upload(page: Page, tmp_path: Path) -> None:
     page.get_by_label("Model").select_option("fal-ai/flux-pro/kontext")
     page.get_by_label("Input image(s)").set_input_files(str(png(tmp_path)))
     expect(page.locator("#previews img")).to_have_count(1)
-    page.get_by_label("Prompt").fill("make it night")
+    page.get_by_label("Prompt", exact=True).fill("make it night")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#task-status")).to_have_text("SUCCESS", timeout=60_000)
     src = page.locator("#task-result img").first.get_attribute("src")

@@ -23,7 +23,7 @@ from tests.test_e2e import alive, follow
 
 pytestmark = pytest.mark.timeout(240)
 
-SERVICES = ("simulator", "projector", "submitter", "poller", "uploader", "gateway")
+SERVICES = ("simulator", "projector", "submitter", "poller", "uploader", "ledger", "gateway")
 
 
 class TerminalUp:

@@ -14,6 +14,10 @@ Invariants:
 - On stop, handlers get ``grace`` seconds to finish (those only following a task, inside
   ``hold``, none); the rest are cancelled and their messages nak'd, so another replica takes
   them over at once.
+- A re-driven dead letter (``fluxpipe dlq redrive``) is the original event republished on its
+  own subject with a ``Fluxpipe-Redrive-Of`` header: its consumer handles it like any
+  redelivery (handlers are idempotent; ``origin_seq`` gives the original position), and
+  readers of the log skip it (``is_redrive``), so it is never a second event.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from schemas.events import FluxEvent, UnknownEvent, decode_event, encode_event
+from services.common.metrics import (
+    CONSUMER_ACK_PENDING,
+    CONSUMER_PENDING,
+    CONSUMER_REDELIVERED,
+    EVENTS_FAILED,
+    EVENTS_HANDLED,
+    IN_FLIGHT,
+)
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,6 +130,11 @@ class Bus:
 
     def is_dead_letter(self, subject: str) -> bool:
         return subject.startswith(f"{self.prefix}.dlq.")
+
+    def redriven_subject(self, durable: str = "*", letter_seq: int | str = "*") -> str:
+        """The marker ``fluxpipe dlq redrive`` leaves for a re-driven letter of ``durable``: one
+        subject per letter, so a second re-drive of the same letter is refused by the server."""
+        return f"{self.prefix}.dlq.redriven.{durable}.{letter_seq}"
 
     async def ensure_stream(
         self, replicas: int = 1, *, max_age: float = 0.0, max_bytes: int = -1
@@ -232,6 +249,10 @@ class Bus:
 
         sub = await self.nc.subscribe(self.task_subject(task_id, "*"), cb=on_event)
         try:
+            # The server must know the subscription before the stream is read, or an event
+            # published between the two is neither read nor delivered (until ``recheck``).
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.nc.flush(timeout=5)
             while not await self._has_any_or_unknown(task_id, tokens):
                 wait = recheck
                 if until is not None:
@@ -373,6 +394,7 @@ class Consumer:
         sub = await bus.js.pull_subscribe_bind(durable=self.durable, stream=bus.stream)
         running: set[asyncio.Task[None]] = set()
         stopping = asyncio.create_task(self._stopping.wait())
+        gauges = asyncio.create_task(self._refresh_gauges(bus))
         log.info("consumer %s started on %s", self.durable, bus.task_subject("*", self.token))
         while not self._stopping.is_set():
             room = self.concurrency - len(running)
@@ -396,6 +418,7 @@ class Consumer:
                 running.add(task)
                 task.add_done_callback(running.discard)
         stopping.cancel()
+        gauges.cancel()
         for task in [t for t in running if t in _HOLDING]:
             task.cancel()  # only waiting on a task at fal: hand the message back now
         if running:
@@ -419,7 +442,8 @@ class Consumer:
             await self._dead_letter(bus, msg, f"delivered {delivered} times without finishing", event)
             return
         try:
-            await handler(event, msg)
+            with IN_FLIGHT.labels(self.durable).track_inprogress():
+                await handler(event, msg)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -432,6 +456,7 @@ class Consumer:
                 await self._dead_letter(bus, msg, f"gave up after {delivered} deliveries: {exc!r}", event)
                 return
             delay = self.backoff[min(delivered, len(self.backoff)) - 1]
+            EVENTS_FAILED.labels(self.durable, "retry").inc()
             log.warning(
                 "%s failed on %s (delivery %d), retrying in %ss: %r",
                 self.durable,
@@ -445,10 +470,22 @@ class Consumer:
             return
         with contextlib.suppress(Exception):
             await msg.ack_sync()
+        EVENTS_HANDLED.labels(self.durable).inc()
+
+    async def _refresh_gauges(self, bus: Bus, every: float = 5.0) -> None:
+        """Keep the consumer's lag and pending gauges current (read from the server)."""
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):
+                info = await bus.js.consumer_info(bus.stream, self.durable)
+                CONSUMER_PENDING.labels(self.durable).set(info.num_pending or 0)
+                CONSUMER_ACK_PENDING.labels(self.durable).set(info.num_ack_pending or 0)
+                CONSUMER_REDELIVERED.labels(self.durable).set(info.num_redelivered or 0)
 
     async def _dead_letter(self, bus: Bus, msg: Msg, reason: str, event: FluxEvent | None = None) -> None:
         """Park the message with the reason, then let ``on_dead_letter`` end its task (a task
         whose next step was dead-lettered must not stay unfinished forever)."""
+        EVENTS_FAILED.labels(self.durable, "dead_letter").inc()
         await bus.dead_letter(self.durable, msg.subject, msg.metadata.sequence.stream, msg.data, reason)
         if event is not None and self.on_dead_letter is not None:
             try:
@@ -461,6 +498,22 @@ class Consumer:
                     await msg.nak(delay=self.backoff[-1])
                 return
         await msg.term()
+
+
+REDRIVE_OF = "Fluxpipe-Redrive-Of"
+
+
+def is_redrive(headers: dict[str, str] | None) -> bool:
+    """Whether a message is a re-driven copy of an event (``fluxpipe dlq redrive``): for its
+    consumer a redelivery, for every reader of the log (projector, replay) not a new event."""
+    return bool(headers and REDRIVE_OF in headers)
+
+
+def origin_seq(msg: Msg) -> int:
+    """The stream sequence of the event ``msg`` carries: its own, or for a re-driven copy the
+    original event's (``Fluxpipe-Stream-Seq``)."""
+    original = (msg.headers or {}).get("Fluxpipe-Stream-Seq") if is_redrive(msg.headers) else None
+    return int(original) if original else msg.metadata.sequence.stream
 
 
 _HOLDING: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()

@@ -1,8 +1,9 @@
 """PostgreSQL read models (projections of the event log) and the async engine.
 
-These tables are written only by the projector (plus ``flux_config``/``flux_credits``, owned
-by their own later services); Alembic migrations in ``migrations/`` are the only way their
-schema changes, and ``alembic check`` must find no drift between this module and the database.
+These tables are written only by the projector (``flux_config``, ``flux_credits`` and
+``flux_credit_ledger`` too, from the configuration and credit events); Alembic migrations in
+``migrations/`` are the only way their schema changes, and ``alembic check`` must find no
+drift between this module and the database.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ def _updated() -> Mapped[datetime]:
 
 
 class FluxConfig(Base):
-    """Provider configuration of the plan. The live fal key comes from the ``FAL_KEY`` setting."""
+    """Provider configuration of the plan, projected from ``ConfigChanged`` (row id 1).
+
+    ``api_key`` holds the fal key's Fernet ciphertext ('' when the ``FAL_KEY`` setting is used)."""
 
     __tablename__ = "flux_config"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    api_key: Mapped[str] = mapped_column(String(255), nullable=False)
+    api_key: Mapped[str] = mapped_column(Text, nullable=False)
     base_url: Mapped[str] = mapped_column(String(500), nullable=False)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
     timeout: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("300"))
@@ -67,6 +70,10 @@ class FluxConfig(Base):
     )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
+    credit_costs: Mapped[dict[str, int]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    updated_by: Mapped[str | None] = mapped_column(String(255))
 
 
 class FluxTask(Base):
@@ -107,6 +114,7 @@ class FluxTask(Base):
     )
     updated_at: Mapped[datetime] = _updated()
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failure_stage: Mapped[str | None] = mapped_column(String(20))
 
     __table_args__ = (Index("ix_flux_tasks_user_id_created_at", "user_id", "created_at"),)
 
@@ -122,10 +130,30 @@ class FluxCredits(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class FluxCreditLedger(Base):
+    """Every credit movement of every user, projected from ``<prefix>.credits.<user>``."""
+
+    __tablename__ = "flux_credit_ledger"
+
+    stream_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    amount: Mapped[int] = mapped_column(Integer, nullable=False)
+    balance_after: Mapped[int] = mapped_column(Integer, nullable=False)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(255))
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (Index("ix_flux_credit_ledger_user_id_stream_seq", "user_id", "stream_seq"),)
+
+
 class ImageHistory(Base):
     """The unified history shared with the Midjourney and Jimeng generators.
 
     One row per finished task that has an image; each generator writes its own ``source``.
+    ``image_url`` is ours before the provider's; a hidden row stays (its owner hid it).
     """
 
     __tablename__ = "image_history"
@@ -139,11 +167,39 @@ class ImageHistory(Base):
     image_url: Mapped[str] = mapped_column(Text, nullable=False)
     images: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    tag: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="SUCCESS")
+    provider_image_url: Mapped[str | None] = mapped_column(Text)
+    hidden: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
 
+    # Keyset paging reads (created_at, id) backwards from one of these, per user, visible rows only.
     __table_args__ = (
         UniqueConstraint("source", "source_task_id"),
-        Index("ix_image_history_user_id_created_at", "user_id", "created_at"),
         Index("ix_image_history_source", "source"),
+        Index(
+            "ix_image_history_user_id_created_at_id",
+            "user_id",
+            "created_at",
+            "id",
+            postgresql_where=text("NOT hidden"),
+        ),
+        Index(
+            "ix_image_history_user_id_source_created_at_id",
+            "user_id",
+            "source",
+            "created_at",
+            "id",
+            postgresql_where=text("NOT hidden"),
+        ),
+        Index(
+            "ix_image_history_user_id_model_created_at_id",
+            "user_id",
+            "model",
+            "created_at",
+            "id",
+            postgresql_where=text("NOT hidden"),
+        ),
     )
 
 

@@ -38,6 +38,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from services.common.metrics import fal_error, fal_request
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://queue.fal.run"
@@ -222,6 +224,16 @@ class FalClient:
     def __repr__(self) -> str:
         return f"FalClient(base_url={self._base_url!r})"
 
+    def reconfigure(self, base_url: str, api_key: str) -> None:
+        """Point later calls at another base URL and key (a configuration change); calls in
+        flight finish with the old ones."""
+        if not api_key or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+            raise ValueError("api_key is empty or not allowed in an HTTP header")
+        self._base_url = base_url.rstrip("/")
+        parts = {api_key, *(part for part in api_key.split(":") if len(part) >= 8)}
+        self._secrets = tuple(sorted({*self._secrets, *parts}, key=len, reverse=True))
+        self._http.headers["Authorization"] = f"Key {api_key}"
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -245,7 +257,7 @@ class FalClient:
             raise ValueError(f"not a fal model id: {model_id!r}")
         params = {"fal_webhook": webhook_url} if webhook_url is not None else None
         response = await self._send(
-            "POST", f"{self._base_url}/{endpoint}", json_body=arguments, params=params
+            "POST", f"{self._base_url}/{endpoint}", json_body=arguments, params=params, operation="submit"
         )
         body = self._json_object(response)
         fields = ("request_id", "status_url", "response_url", "cancel_url")
@@ -269,7 +281,7 @@ class FalClient:
             if isinstance(handle_or_status_url, QueueHandle)
             else handle_or_status_url
         )
-        response = await self._send("GET", url, params={"logs": "0"})
+        response = await self._send("GET", url, params={"logs": "0"}, operation="status")
         body = self._json_object(response)
         status = body.get("status")
         if status not in _QUEUE_STATUSES:
@@ -295,12 +307,14 @@ class FalClient:
         """The model's output. A model error (422 validation, content policy, 5xx), a request that
         is not finished (400) or unknown (404) raises `FalError` with fal's message. A model's 5xx is
         final (not retried, not `retryable`); only an ingress-like 5xx is retried."""
-        return self._json_object(await self._send("GET", response_url, transient=_is_transient_result))
+        return self._json_object(
+            await self._send("GET", response_url, transient=_is_transient_result, operation="result")
+        )
 
     async def cancel(self, cancel_url: str) -> str:
         """Ask fal to cancel; returns fal's answer: `CANCELLATION_REQUESTED`, `ALREADY_COMPLETED`,
         `NOT_FOUND` or `OK`. Anything else (auth, transient failures that persist) raises."""
-        response = await self._send("PUT", cancel_url, accept=_is_cancel_answer)
+        response = await self._send("PUT", cancel_url, accept=_is_cancel_answer, operation="cancel")
         return str(response.json()["status"])
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -314,6 +328,7 @@ class FalClient:
         params: dict[str, str] | None = None,
         accept: Callable[[httpx.Response], bool] = _is_success,
         transient: Callable[[httpx.Response], bool] = _is_transient,
+        operation: str = "request",
     ) -> httpx.Response:
         """The first response that is not `transient` and that `accept` takes, retrying transient
         failures; otherwise `FalError`."""
@@ -328,10 +343,16 @@ class FalClient:
             async for attempt in retrying:
                 with attempt:
                     request = self._http.build_request(method, url, json=json_body, params=params)
-                    response = await self._http.send(request)
+                    try:
+                        with fal_request(operation):
+                            response = await self._http.send(request)
+                    except httpx.HTTPError:
+                        fal_error(operation, None)
+                        raise
                     retryable = transient(response)
                     if not retryable and accept(response):
                         return response
+                    fal_error(operation, response.status_code)
                     raise self._error_from(response, retryable=retryable)
         except httpx.HTTPError as exc:
             message = self._redact(f"{type(exc).__name__} on {method} {_without_query(url)}: {exc}")

@@ -9,7 +9,7 @@ the JetStream API it uses on our stream:
 ============  =============================================  ====================================
 user          publishes (events)                             JetStream API
 ============  =============================================  ====================================
-gateway       ``task.*.requested``                           stream info/create, message get,
+gateway       ``task.*.requested``, ``history.*.*.hidden``   stream info/create, message get,
                                                              ordered consumers (live task feed)
 submitter     ``task.*.{submitted,failed}``                  + its durable consumer
 poller        ``task.*.{status,completed,failed}``           + its durable consumer
@@ -42,7 +42,7 @@ SERVICES = ("gateway", "submitter", "poller", "uploader", "projector")
 OPERATOR = "operator"
 
 PUBLISHES: dict[str, tuple[str, ...]] = {
-    "gateway": ("task.*.requested",),
+    "gateway": ("task.*.requested", "history.*.*.hidden"),
     "submitter": ("task.*.submitted", "task.*.failed", "dlq.submitter"),
     "poller": ("task.*.status", "task.*.completed", "task.*.failed", "dlq.poller"),
     "uploader": ("task.*.stored", "task.*.storage_failed", "dlq.uploader"),

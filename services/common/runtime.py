@@ -38,6 +38,7 @@ def setup_logging(settings: Settings, service: str) -> None:
                 settings.nats_password.get_secret_value(),
                 settings.webui_secret_key.get_secret_value(),
                 settings.webui_forwarded_jwt_secret.get_secret_value(),
+                settings.config_key.get_secret_value(),
                 settings.cos_secret_key.get_secret_value(),
                 settings.cos_token.get_secret_value(),
             ],

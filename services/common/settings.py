@@ -44,11 +44,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024 * 1024, validation_alias="FLUXPIPE_MAX_IMAGE_BYTES")
 
     log_level: str = Field("INFO", validation_alias="FLUXPIPE_LOG_LEVEL")
+    metrics_port: int = Field(0, ge=0, validation_alias="FLUXPIPE_METRICS_PORT")
+    metrics_host: str = Field("127.0.0.1", validation_alias="FLUXPIPE_METRICS_HOST")
 
     openai_wait_seconds: float = Field(240.0, gt=0, validation_alias="FLUXPIPE_OPENAI_WAIT")
     openai_model_aliases: dict[str, str] = Field(
         default_factory=dict, validation_alias="FLUXPIPE_OPENAI_MODEL_ALIASES"
     )
+    openai_edit_model: str = Field("fal-ai/flux-pro/kontext", validation_alias="FLUXPIPE_OPENAI_EDIT_MODEL")
     # Users and secrets (services/common/auth.py; README "Authentication").
     idempotency_secret: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_IDEMPOTENCY_SECRET")
     webui_secret_key: SecretStr = Field(SecretStr(""), validation_alias="WEBUI_SECRET_KEY")
@@ -80,6 +83,16 @@ class Settings(BaseSettings):
                 prefix, _, size = item.partition("=")
                 limits[prefix.strip()] = int(size)
         return limits
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_BYTES")
+    max_upload_pixels: int = Field(25_000_000, ge=1, validation_alias="FLUXPIPE_MAX_UPLOAD_PIXELS")
+    trusted_image_hosts: str = Field("", validation_alias="FLUXPIPE_TRUSTED_IMAGE_HOSTS")
+
+    config_key: SecretStr = Field(SecretStr(""), validation_alias="FLUXPIPE_CONFIG_KEY")
+    rate_limit_window: float = Field(60.0, gt=0, validation_alias="FLUXPIPE_RATE_WINDOW")
+    rate_limit_jobs: int = Field(60, ge=0, validation_alias="FLUXPIPE_RATE_JOBS")
+    rate_limit_uploads: int = Field(30, ge=0, validation_alias="FLUXPIPE_RATE_UPLOADS")
+    max_tasks_per_user: int = Field(0, ge=0, validation_alias="FLUXPIPE_MAX_TASKS_PER_USER")
 
     # Object storage: ``local`` (a folder the gateway serves) or ``cos`` (Tencent COS); see
     # docs/DEPLOYMENT.md. COS credentials are secrets like the fal key.

@@ -12,7 +12,7 @@ from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 
-WORKERS = ("submitter", "poller", "uploader")
+WORKERS = ("submitter", "poller", "uploader", "ledger")
 
 
 async def pipeline_status(

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from schemas.events import FluxEvent
 from services.common.bus import Bus, Consumer, PermanentError
+from services.common.metrics import serving_metrics
 from services.common.settings import Settings
 
 E = TypeVar("E", bound=FluxEvent)
@@ -45,6 +46,7 @@ class Worker(Generic[E]):
         async with contextlib.AsyncExitStack() as stack:
             bus = await Bus.connect(settings, self.name)
             stack.push_async_callback(bus.close)
+            await stack.enter_async_context(serving_metrics(settings, self.name))
             spec, handler = await self.consumer(settings, bus, stack)
             event_type = self.event_type
 

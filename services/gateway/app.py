@@ -24,8 +24,20 @@ from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
 from services.common.storage import make_storage
+from services.gateway import admission
 from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
-from services.gateway.routes import flux, openai_images
+from services.gateway.routes import (
+    admin,
+    admin_config,
+    credits,
+    events,
+    flux,
+    history,
+    images,
+    models,
+    openai_images,
+    uploads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +86,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.bus = await Bus.connect(settings, "gateway")
         app.state.engine = make_engine(settings)
         app.state.storage = make_storage(settings)
+        await admission.start(app, settings, app.state.bus)
         try:
             yield
         finally:
+            await admission.stop(app)
             app.state.storage.close()
             await app.state.engine.dispose()
             await app.state.bus.close()
@@ -128,6 +142,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai_images.router)
     app.add_middleware(ErrorBoundary)
     app.add_middleware(BodyLimit, default=settings.body_limit_bytes, prefixes=settings.body_limit_prefixes)
+    app.include_router(history.router)
+    app.include_router(events.router)
+    app.include_router(models.router)
+    app.include_router(images.router)
+    app.include_router(uploads.router)
+    admin.instrument(app)
+    app.include_router(credits.router)
+    app.include_router(admin_config.router)
+    admission.install(app)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", StaticFiles(directory=settings.storage_dir), name="files")
     app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")

@@ -36,6 +36,7 @@ from schemas.events import (
     TaskSubmitted,
     utcnow,
 )
+from services.common import config
 from services.common.bus import Bus, Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueStatus
@@ -174,6 +175,7 @@ async def _setup(
 ) -> tuple[Consumer, TypedHandler[TaskSubmitted]]:
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
     stack.push_async_callback(fal.aclose)
+    await config.follow(settings, bus, stack, fal)
     return consumer(settings, fal), partial(on_submitted, bus=bus, fal=fal, settings=settings)
 
 

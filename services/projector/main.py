@@ -34,8 +34,14 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import FluxEvent, UnknownEvent, decode_event
-from services.common.bus import Bus
+from services.common.bus import Bus, is_redrive
 from services.common.db import make_engine
+from services.common.metrics import (
+    PROJECTOR_APPLIED,
+    PROJECTOR_DEAD_LETTERS,
+    projector_position,
+    serving_metrics,
+)
 from services.common.settings import Settings
 from services.projector.projection import apply_batch, load_checkpoint
 
@@ -44,6 +50,7 @@ T = TypeVar("T")
 
 BATCH = 256
 DURABLE = "projector"
+REDRIVEN = "redriven copy"  # stands for the subject of a re-driven copy: skipped like a dead letter
 
 
 Raw = tuple[int, str, bytes]  # stream seq, subject, data
@@ -65,6 +72,7 @@ class Projector:
     engine: AsyncEngine
     stop: asyncio.Event
     parked_in_a_row: int = 0
+    applied_seq: int = 0
 
     async def run(self) -> None:
         start = await self.retrying(self.checkpoint) + 1
@@ -77,6 +85,8 @@ class Projector:
             ),
         )
         log.info("projector following %s from stream seq %d", self.bus.events_subject(), start)
+        self.applied_seq = start - 1
+        watching = asyncio.create_task(self.watch_lag())
         try:
             while not self.stop.is_set():
                 try:
@@ -86,14 +96,39 @@ class Projector:
                 msgs = [first]
                 while len(msgs) < BATCH and sub.pending_msgs > 0:
                     msgs.append(await sub.next_msg(timeout=1))
-                raws = [(m.metadata.sequence.stream, m.subject, m.data) for m in msgs]
+                raws = [
+                    (m.metadata.sequence.stream, REDRIVEN if is_redrive(m.headers) else m.subject, m.data)
+                    for m in msgs
+                ]
                 try:
                     await self.retrying(partial(self.apply, raws))
                 except Pause:
                     return  # stopped during an outage: nothing was lost, the checkpoint says where
+                last = msgs[-1].metadata
+                self.applied_seq = last.sequence.stream
+                projector_position(self.applied_seq, self.applied_seq + last.num_pending)
         finally:
+            watching.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def watch_lag(self, every: float = 5.0) -> None:
+        """Keep the lag gauges honest while no batch lands (idle, or paused by an outage)."""
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):
+                last_seq = (await self.bus.js.stream_info(self.bus.stream)).state.last_seq
+                oldest = None
+                if last_seq > self.applied_seq:
+                    oldest = (
+                        await self.bus.js.get_msg(
+                            self.bus.stream,
+                            seq=self.applied_seq + 1,
+                            subject=self.bus.events_subject(),
+                            next=True,
+                        )
+                    ).time
+                projector_position(self.applied_seq, last_seq, oldest)
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it succeeds, pausing with backoff (0.2 s doubling to 10 s) while
@@ -126,15 +161,16 @@ class Projector:
         batch: list[tuple[int, FluxEvent]] = []
         where = {seq: (subject, data) for seq, subject, data in raws}
         for seq, subject, data in raws:
-            if self.bus.is_dead_letter(subject):
+            if self.bus.is_dead_letter(subject) or subject == REDRIVEN:
                 continue  # parked copies of events, not events: the checkpoint just moves past
             try:
                 batch.append((seq, decode_event(data)))
             except UnknownEvent as exc:
                 await self.park(seq, subject, data, f"undecodable event: {exc}")
         try:
-            if await self.write(batch, last_seq=raws[-1][0]):
+            if applied := await self.write(batch, last_seq=raws[-1][0]):
                 self.parked_in_a_row = 0
+                PROJECTOR_APPLIED.inc(applied)
             return
         except EventFault as exc:
             log.error("a batch of %d event(s) failed; applying them one by one: %s", len(batch), exc)
@@ -142,6 +178,7 @@ class Projector:
             try:
                 if await self.write([(seq, event)]):  # 0 when a retry meets it done already
                     self.parked_in_a_row = 0
+                    PROJECTOR_APPLIED.inc()
             except EventFault as exc:
                 if self.parked_in_a_row >= BREAKER:
                     raise Pause(f"{BREAKER} events in a row could not be projected: a bug? ({exc})") from exc
@@ -168,6 +205,7 @@ class Projector:
 
     async def park(self, seq: int, subject: str, data: bytes, reason: str) -> None:
         self.parked_in_a_row += 1
+        PROJECTOR_DEAD_LETTERS.inc()
         try:
             await self.bus.dead_letter(DURABLE, subject, seq, data, reason[:1000])
         except Exception as exc:
@@ -186,7 +224,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     bus = await Bus.connect(settings, "projector")
     engine = make_engine(settings)
     try:
-        await project(bus, engine, stop)
+        async with serving_metrics(settings, DURABLE):
+            await project(bus, engine, stop)
     finally:
         await engine.dispose()
         await bus.close()

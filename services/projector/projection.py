@@ -10,6 +10,9 @@ Invariants:
   two projector replicas race.
 - Terminal states never regress: a late status event after SUCCESS/FAILED/CANCELLED is ignored.
 - An event for a task whose ``TaskRequested`` was never applied changes nothing.
+- Images keep fal's order; each carries its ``has_nsfw_concepts`` flag, also on the stored copies.
+- Configuration and credit events are folded in the same transaction by
+  ``services/projector/credits.py`` (``flux_config``, ``flux_credits``, ``flux_credit_ledger``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from schemas.events import (
     TaskSubmitted,
 )
 from services.common.db import FluxTask, ImageHistory, ProjectorCheckpoint
+from services.projector.credits import apply_side_models
+from services.projector.history import Step, apply_history
 
 CHECKPOINT = "flux_tasks"
 
@@ -86,6 +91,7 @@ def new_row(seq: int, event: TaskRequested) -> Row:
         "created_at": event.occurred_at,
         "updated_at": event.occurred_at,
         "completed_at": None,
+        "failure_stage": None,
     }
 
 
@@ -103,7 +109,7 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
         case TaskStatusChanged(data=d) if live:
             changes = {"status": d.status, "queue_position": d.queue_position}
         case TaskCompleted(data=d) if live:
-            images = [img.model_dump() for img in d.images]
+            images = with_nsfw_flags([img.model_dump() for img in d.images], d.has_nsfw_concepts)
             changes = {
                 "status": "SUCCESS",
                 "request_id": d.request_id,
@@ -115,11 +121,17 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
                 "completed_at": event.occurred_at,
             }
         case TaskFailed(data=d) if live:
-            changes = {"status": "FAILED", "error_message": d.error, "completed_at": event.occurred_at}
+            changes = {
+                "status": "FAILED",
+                "error_message": d.error,
+                "completed_at": event.occurred_at,
+                "failure_stage": d.stage,
+            }
         case TaskCancelled(data=d) if live:
             changes = {"status": "CANCELLED", "error_message": d.reason, "completed_at": event.occurred_at}
         case ImagesStored(data=d):
-            stored = [img.model_dump() for img in d.images]
+            flags = [img.get("has_nsfw_concepts") for img in row["images"] or []]
+            stored = with_nsfw_flags([img.model_dump() for img in d.images], flags)
             if not stored:
                 return row
             changes = {"cloud_image_url": stored[0]["url"], "cloud_images": stored, "storage_error": None}
@@ -130,17 +142,10 @@ def fold_task(row: Row | None, seq: int, event: FluxEvent) -> Row | None:
     return {**row, **changes, "updated_at": event.occurred_at, "last_event_seq": seq}
 
 
-def history_entry(row: Row) -> Row:
-    return {
-        "source": "flux",
-        "source_task_id": row["id"],
-        "user_id": row["user_id"],
-        "model": row["model"],
-        "prompt": row["prompt"],
-        "image_url": row["cloud_image_url"],
-        "images": row["cloud_images"],
-        "created_at": row["created_at"],
-    }
+def with_nsfw_flags(images: list[Row], flags: Sequence[bool | None]) -> list[Row]:
+    """Each image with fal's ``has_nsfw_concepts`` flag of the same index (``None`` if unknown)."""
+    padded = [*flags, *[None] * len(images)][: len(images)]
+    return [{**img, "has_nsfw_concepts": flag} for img, flag in zip(images, padded, strict=True)]
 
 
 async def apply_batch(
@@ -161,15 +166,16 @@ async def apply_batch(
     result = await conn.execute(select(tasks).where(tasks.c.id.in_(ids)))
     rows: dict[str, Row] = {r.id: dict(r._mapping) for r in result}
     changed: set[str] = set()
-    stored: set[str] = set()
+    steps: list[Step] = []
     for seq, event in pending:
         before = rows.get(event.task_id)
         after = fold_task(before, seq, event)
         if after is not None and after is not before:
             rows[event.task_id] = after
             changed.add(event.task_id)
-            if isinstance(event, ImagesStored):
-                stored.add(event.task_id)
+            steps.append((seq, event, after))
+        else:
+            steps.append((seq, event, None))
     if changed:
         upsert = insert(tasks)
         await conn.execute(
@@ -179,13 +185,8 @@ async def apply_batch(
             ),
             [rows[task_id] for task_id in changed],
         )
-    if stored:
-        await conn.execute(
-            insert(history).on_conflict_do_nothing(
-                index_elements=[history.c.source, history.c.source_task_id]
-            ),
-            [history_entry(rows[task_id]) for task_id in stored],
-        )
+    await apply_history(conn, steps)
+    await apply_side_models(conn, pending)
     await conn.execute(
         update(checkpoints)
         .where(checkpoints.c.name == CHECKPOINT)

@@ -10,6 +10,9 @@ event) in the stream, so a redelivered request is not submitted twice: it resume
 The one window left is a crash between fal accepting the job and our publish; fal has no
 idempotency key, so such a redelivery submits again and the first fal request is orphaned
 (the task still has one story).
+
+Inputs: the event keeps the image URLs the user gave; our own uploads on local storage, which
+fal cannot reach, are read at submit time and sent inline as data URIs (never into an event).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from schemas.events import (
     TaskSubmitted,
     TaskSubmittedData,
 )
-from services.common.bus import Bus, Consumer, hold
+from services.common import config
+from services.common.bus import Bus, Consumer, hold, origin_seq
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings
+from services.common.urls import inline_own_uploads
 from services.common.worker import TypedHandler, Worker
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,7 @@ async def on_requested(
     ``stuck_task_grace_seconds`` after that (the poller dead-lettered it, say), the submitter
     fails the task itself and cancels it at fal, so a lost follow-up never keeps a slot forever.
     """
-    if await bus.first_seq(event.task_id, "requested") != msg.metadata.sequence.stream:
+    if await bus.first_seq(event.task_id, "requested") != origin_seq(msg):
         log.warning("task %s: ignoring a repeated TaskRequested (not the task's first)", event.task_id)
         return
     if await bus.has_any(event.task_id, TERMINAL_TOKENS):
@@ -72,7 +77,7 @@ async def on_requested(
     submitted = await bus.last_event(event.task_id, "submitted")
     if submitted is None:
         async with hold(msg, every=settings.failover_seconds / 3, interruptible=False):
-            submitted = await submit(event, msg, bus, fal, max_deliver)
+            submitted = await submit(event, msg, bus, fal, max_deliver, settings=settings)
         if submitted is None:
             return
     assert isinstance(submitted, TaskSubmitted)
@@ -98,7 +103,7 @@ async def on_requested(
 
 
 async def submit(
-    event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_deliver: int
+    event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_deliver: int, *, settings: Settings
 ) -> TaskSubmitted | None:
     """Submit to fal and publish the outcome; the ``TaskSubmitted`` if the task is now at fal."""
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
@@ -111,7 +116,15 @@ async def submit(
         )
         return None
     try:
-        handle = await fal.submit(spec.id, build_fal_input(spec, event.data.model_dump()))
+        image_urls = await inline_own_uploads(event.data.image_urls, settings)
+    except FileNotFoundError:
+        error = "an input image (an upload) is no longer in our storage"
+        await bus.publish(TaskFailed(**envelope, data=TaskFailedData(stage="submit", error=error)))
+        return None
+    try:
+        handle = await fal.submit(
+            spec.id, build_fal_input(spec, {**event.data.model_dump(), "image_urls": image_urls})
+        )
     except FalError as exc:
         if exc.retryable and msg.metadata.num_delivered < max_deliver:
             raise
@@ -150,6 +163,7 @@ async def _setup(
     fal = FalClient(settings.fal_base_url, settings.fal_key.get_secret_value())
     stack.push_async_callback(fal.aclose)
     spec = consumer(settings, fal)
+    await config.follow(settings, bus, stack, fal, spec)
     return spec, partial(on_requested, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver)
 
 

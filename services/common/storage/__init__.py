@@ -29,11 +29,14 @@ __all__ = [
 
 
 def make_storage(settings: Settings) -> Storage:
+    """The configured backend, counted for monitoring (``MeteredStorage``)."""
+    from services.common.storage.metered import MeteredStorage
+
     if settings.storage_backend == "cos":
         from services.common.storage.cos import CosStorage
 
-        return CosStorage.from_settings(settings)
-    return LocalStorage(settings.storage_dir, settings.public_base_url)
+        return MeteredStorage(CosStorage.from_settings(settings), "cos")
+    return MeteredStorage(LocalStorage(settings.storage_dir, settings.public_base_url), "local")
 
 
 def fresh_urls(storage: Storage, images: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:

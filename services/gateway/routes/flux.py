@@ -9,16 +9,19 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.api import HistoryPage, TaskAccepted, TaskOut, TextToImageRequest
 from schemas.catalog import MODELS, Family
 from schemas.events import TaskRequested, TaskRequestedData, TaskStatus
+from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
+from services.common.settings import Settings
 from services.common.storage import Storage, fresh_urls
+from services.gateway import admission
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep, StorageDep
 from services.gateway.from_log import task_from_log
 from services.gateway.guards import database_unreachable
@@ -48,6 +51,7 @@ async def text_to_image(
     engine: EngineDep,
     settings: SettingsDep,
     response: Response,
+    request: Request,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TaskAccepted:
     """Queue a text-to-image job; returns the task id at once (the provider is never awaited).
@@ -55,8 +59,6 @@ async def text_to_image(
     With an ``Idempotency-Key`` a retried submit returns the same task; the same key with a
     different job is a 409, never a silent answer about the other job.
     """
-    task_id = new_task_id(user.user_id, idempotency_key, settings.idempotency_secret.get_secret_value())
-    response.headers["Location"] = f"/api/flux/task/{task_id}"
     model = body.model or settings.default_model
     spec = MODELS[model]
     steps = body.num_inference_steps
@@ -74,12 +76,33 @@ async def text_to_image(
         safety_tolerance=body.safety_tolerance,
         output_format=body.output_format,
     )
+    return await accept_job(request, data, user, bus, engine, settings, response, idempotency_key)
+
+
+async def accept_job(
+    request: Request,
+    data: TaskRequestedData,
+    user: Principal,
+    bus: Bus,
+    engine: AsyncEngine,
+    settings: Settings,
+    response: Response,
+    idempotency_key: str | None,
+) -> TaskAccepted:
+    """The one way a validated job becomes a task, for every route that takes jobs: the task
+    id (deterministic under an ``Idempotency-Key``), the idempotency check, admission (the
+    switch, rate limits, credits, the per-user cap: ``services/gateway/admission.py``), the
+    publish."""
+    task_id = new_task_id(user.user_id, idempotency_key, settings.idempotency_secret.get_secret_value())
+    response.headers["Location"] = f"/api/flux/task/{task_id}"
     if idempotency_key and await already_requested(bus, task_id, data):
-        return TaskAccepted(task_id=task_id, status=await current_status(engine, task_id), model=model)
-    ack = await bus.publish(TaskRequested(task_id=task_id, user_id=user.user_id, data=data))
+        return TaskAccepted(task_id=task_id, status=await current_status(engine, task_id), model=data.model)
+    event = TaskRequested(task_id=task_id, user_id=user.user_id, data=data)
+    await admission.admit(request, bus, event)
+    ack = await bus.publish(event)
     if ack.duplicate:  # a concurrent submit with the same key got there first
         await already_requested(bus, task_id, data)
-    return TaskAccepted(task_id=task_id, status="PENDING", model=model)
+    return TaskAccepted(task_id=task_id, status="PENDING", model=data.model)
 
 
 async def already_requested(bus: Bus, task_id: str, data: TaskRequestedData) -> bool:

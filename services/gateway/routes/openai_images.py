@@ -22,8 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -33,22 +32,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.datastructures import UploadFile
 
-from schemas.catalog import ASPECT_RATIOS, MODELS, Family, Mode
+from schemas.catalog import ASPECT_RATIOS, MODELS, ModelSpec, params_model
 from schemas.events import (
     FluxEvent,
     ImagesStored,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
-    TaskRequested,
     TaskRequestedData,
     utcnow,
 )
+from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.settings import Settings
 from services.common.storage import Storage, StorageError
-from services.gateway.deps import BusDep, CurrentUser, SettingsDep, StorageDep
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
+from services.gateway.routes.flux import accept_job
+from services.gateway.routes.uploads import store_input_image
 
 log = logging.getLogger(__name__)
 
@@ -133,30 +136,18 @@ PASSTHROUGH: dict[str, tuple[str, ...]] = {
 }
 
 
-class FluxParams(BaseModel):
-    """The extra parameters, validated with the same limits as ``/api/flux``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    guidance_scale: float | None = Field(None, ge=1, le=20)
-    num_inference_steps: int | None = Field(None, ge=1, le=50)
-    safety_tolerance: Literal["1", "2", "3", "4", "5", "6"] | None = None
-    strength: float | None = Field(None, gt=0, le=1)
-    output_format: Literal["jpeg", "png"] | None = None
-    aspect_ratio: Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"] | None = None
-
-
 def aliases(settings: Settings) -> dict[str, str]:
     table = {name: settings.default_model for name in OPENAI_NAMES}
     table.update(settings.openai_model_aliases)
     return table
 
 
-def resolve_model(settings: Settings, requested: str | None) -> str:
+def resolve_model(settings: Settings, requested: str | None, default: str | None = None) -> str:
     name = (requested or "").strip()
     if name in MODELS:
         return name
+    if default is not None and name in OPENAI_NAMES:
+        return default
     table = aliases(settings)
     if name in table:
         return table[name]
@@ -189,57 +180,77 @@ def nearest_aspect_ratio(size: str | None) -> str | None:
     return min(ASPECT_RATIOS, key=lambda name: abs(ratio(name) - target))
 
 
-def flux_params(extra: dict[str, Any], model: str) -> dict[str, Any]:
-    """The extra parameters this model takes, under our names, validated."""
-    spec = MODELS[model]
-    takes = {"seed", "output_format"}
-    if spec.guidance:
-        takes.add("guidance_scale")
-    if spec.family is Family.FLUX1:
-        takes.add("num_inference_steps")
-        if spec.mode is Mode.IMAGE_TO_IMAGE:
-            takes.add("strength")
-        else:
-            takes.add("aspect_ratio")
-    else:
-        takes |= {"safety_tolerance", "aspect_ratio"}
-    picked: dict[str, Any] = {}
+def job_data(
+    spec: ModelSpec,
+    *,
+    prompt: str | None,
+    n: int,
+    size: str | None,
+    extra: Mapping[str, Any],
+    image_urls: tuple[str, ...] = (),
+) -> TaskRequestedData:
+    """The task for ``spec``, validated by the model's own parameter model (the same one
+    ``/api/flux`` uses): extra parameters the model does not take are dropped, those it takes
+    must be valid (``OpenAIError`` 400 naming them)."""
+    params = params_model(spec)
+    takes = params.model_fields
+    fields: dict[str, Any] = {"num_images": n}
+    if "prompt" in takes and prompt:
+        fields["prompt"] = prompt
+    if "image_urls" in takes:
+        fields["image_urls"] = list(image_urls)
+    elif "image_url" in takes:
+        fields["image_url"] = image_urls[0] if image_urls else None
+    ratio = nearest_aspect_ratio(size)
+    if ratio is not None and "aspect_ratio" in takes:
+        fields["aspect_ratio"] = ratio
     for ours, names in PASSTHROUGH.items():
         for name in names:
-            if name in extra and ours in takes and extra[name] is not None:
-                picked[ours] = extra[name]
+            if ours in takes and extra.get(name) is not None:
+                fields[ours] = extra[name]
                 break
     try:
-        params = FluxParams.model_validate(picked)
+        validated = params.model_validate(fields).model_dump()
     except ValidationError as exc:
         raise OpenAIError(400, _describe(exc), "invalid_request_error", "invalid_value") from exc
-    steps = params.num_inference_steps
-    if steps is not None and spec.max_steps is not None and not spec.min_steps <= steps <= spec.max_steps:
+    validated.pop("image_url", None)
+    validated.pop("image_urls", None)
+    return TaskRequestedData(model=spec.id, task_type=spec.task_type, image_urls=image_urls, **validated)
+
+
+# What an edit with these many images becomes, for a model that does not fit them as asked.
+EDIT_OF = {
+    "fal-ai/flux-1/dev": "fal-ai/flux-1/dev/image-to-image",
+    "fal-ai/flux-1/schnell": "fal-ai/flux-1/schnell/redux",
+    "fal-ai/flux-pro/kontext/text-to-image": "fal-ai/flux-pro/kontext",
+    "fal-ai/flux-pro/kontext/max/text-to-image": "fal-ai/flux-pro/kontext/max",
+}
+MULTI_OF = {
+    "fal-ai/flux-pro/kontext": "fal-ai/flux-pro/kontext/multi",
+    "fal-ai/flux-pro/kontext/max": "fal-ai/flux-pro/kontext/max/multi",
+}
+
+
+def edit_model(requested: str, images: int) -> ModelSpec:
+    """The image model an edit runs on: text-to-image models map to their editing sibling, and
+    kontext becomes kontext multi for two or more images."""
+    model = EDIT_OF.get(requested, requested)
+    if images > 1:
+        model = MULTI_OF.get(model, model)
+    spec = MODELS[model]
+    if not spec.min_images <= images <= spec.max_images:
+        wants = (
+            f"exactly {spec.min_images}"
+            if spec.min_images == spec.max_images
+            else f"{spec.min_images} to {spec.max_images}"
+        )
         raise OpenAIError(
             400,
-            f"num_inference_steps must be between {spec.min_steps} and {spec.max_steps} for {model}",
+            f"model {model} takes {wants} image(s), got {images}",
             "invalid_request_error",
             "invalid_value",
         )
-    return params.model_dump(exclude_none=True)
-
-
-def task_data(
-    settings: Settings, model: str, prompt: str, n: int, size: str | None, extra: dict[str, Any]
-) -> TaskRequestedData:
-    spec = MODELS[model]
-    params = flux_params(extra, model)
-    ratio = nearest_aspect_ratio(size)
-    if ratio is not None and "aspect_ratio" not in params and not spec.needs_image:
-        params["aspect_ratio"] = ratio
-    if spec.family is Family.FLUX1:
-        params.setdefault("num_inference_steps", spec.default_steps)
-    params.setdefault("aspect_ratio", None if spec.needs_image else "1:1")
-    return TaskRequestedData(model=model, task_type="text_to_image", prompt=prompt, num_images=n, **params)
-
-
-async def run_task(bus: Bus, settings: Settings, task_id: str, user_id: str, data: TaskRequestedData) -> None:
-    await bus.publish(TaskRequested(task_id=task_id, user_id=user_id, data=data))
+    return spec
 
 
 async def wait_for_story(bus: Bus, settings: Settings, task_id: str) -> dict[str, FluxEvent]:
@@ -307,7 +318,12 @@ async def list_models(user: CurrentUser) -> dict[str, Any]:
 
 @router.post("/images/generations")
 async def generations(
-    body: GenerationRequest, user: CurrentUser, bus: BusDep, settings: SettingsDep, storage: StorageDep
+    body: GenerationRequest,
+    user: CurrentUser,
+    bus: BusDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    request: Request,
 ) -> dict[str, Any]:
     """Generate images and answer with them once the task has ended (OpenAI's images API)."""
     model = resolve_model(settings, body.model)
@@ -319,16 +335,75 @@ async def generations(
             "invalid_request_error",
             "invalid_value",
         )
-    data = task_data(settings, model, body.prompt, body.n, body.size, body.model_extra or {})
-    return await _run_and_answer(bus, settings, storage, user.user_id, data, body.response_format)
+    data = job_data(spec, prompt=body.prompt, n=body.n, size=body.size, extra=body.model_extra or {})
+    return await _run_and_answer(request, bus, engine, settings, user, data, body.response_format)
+
+
+EDIT_FIELDS = {"model", "prompt", "n", "size", "response_format", "image", "image[]", "user"}
+
+
+@router.post("/images/edits", openapi_extra={"requestBody": {"content": {"multipart/form-data": {}}}})
+async def edits(
+    request: Request, user: CurrentUser, bus: BusDep, engine: EngineDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Edit images (multipart: ``image[]`` or ``image``, ``prompt``, ``model``, ``n``, ``size``,
+    ``response_format``): each image is checked and stored like an upload, then the model and
+    the number of images pick image-to-image, redux, kontext or kontext multi."""
+    try:
+        form = await request.form(max_files=8, max_fields=64)
+    except Exception as exc:  # starlette's MultiPartException and malformed bodies
+        raise OpenAIError(
+            400, f"the body is not a valid multipart form: {exc}", "invalid_request_error"
+        ) from exc
+    files = [f for f in [*form.getlist("image[]"), *form.getlist("image")] if isinstance(f, UploadFile)]
+    if not files:
+        raise OpenAIError(
+            400, "image: send one or more images as image[] (or image)", "invalid_request_error"
+        )
+    text = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    try:
+        n = int(text.get("n") or 1)
+    except ValueError:
+        raise OpenAIError(400, f"n: {text['n']!r} is not a number", "invalid_request_error") from None
+    if not 1 <= n <= 4:
+        raise OpenAIError(400, "n: Input should be between 1 and 4", "invalid_request_error", "invalid_value")
+    fmt = text.get("response_format") or "b64_json"
+    if fmt not in ("b64_json", "url"):
+        raise OpenAIError(400, "response_format: 'b64_json' or 'url'", "invalid_request_error")
+    requested = resolve_model(settings, text.get("model"), default=settings.openai_edit_model)
+    spec = edit_model(requested, len(files))
+    urls = []
+    for index, upload in enumerate(files):
+        raw = await upload.read(settings.max_upload_bytes + 1)
+        stored = await store_input_image(
+            settings,
+            user.user_id,
+            raw,
+            upload.filename,
+            field=f"image[{index}]",
+            storage=request.app.state.storage,
+        )
+        urls.append(stored.url)
+    extra = {k: v for k, v in text.items() if k not in EDIT_FIELDS}
+    data = job_data(
+        spec, prompt=text.get("prompt"), n=n, size=text.get("size"), extra=extra, image_urls=tuple(urls)
+    )
+    return await _run_and_answer(request, bus, engine, settings, user, data, fmt)
 
 
 async def _run_and_answer(
-    bus: Bus, settings: Settings, storage: Storage, user_id: str, data: TaskRequestedData, fmt: str
+    request: Request,
+    bus: Bus,
+    engine: AsyncEngine,
+    settings: Settings,
+    user: Principal,
+    data: TaskRequestedData,
+    fmt: str,
 ) -> dict[str, Any]:
-    task_id = uuid.uuid4().hex
-    await run_task(bus, settings, task_id, user_id, data)
-    story = await wait_for_story(bus, settings, task_id)
+    """The task goes through ``accept_job`` like any other (idempotency, credits, limits), then
+    the answer waits for its story to end."""
+    accepted = await accept_job(request, data, user, bus, engine, settings, Response(), None)
+    story = await wait_for_story(bus, settings, accepted.task_id)
     async with httpx.AsyncClient(timeout=60) as http:
-        entries = await image_entries(story, fmt, storage, http)
+        entries = await image_entries(story, fmt, request.app.state.storage, http)
     return {"created": int(time.time()), "data": entries}

@@ -78,7 +78,10 @@ function normaliseModel(raw) {
     params = Object.entries(schema).map(([name, spec]) => ({ name, ...spec }));
   }
   const images = raw.input_images || {};
+  const props = (schema && schema.properties) || {};
   return {
+    imageField: raw.image_field || (mode.startsWith("multi") ? "image_urls" : "image_url"),
+    takesPrompt: !schema.properties || "prompt" in props,
     id: raw.id,
     name: raw.name || raw.display_name || raw.id,
     mode,
@@ -123,6 +126,7 @@ function selectModel(id) {
   const model = state.model;
   $("inputs").hidden = !model || model.minImages === 0;
   $("model-help").textContent = model ? `${model.mode.replace(/_/g, " ")}` : "";
+  $("prompt-field").hidden = Boolean(model && !model.takesPrompt);
   if (model && model.minImages > 0) {
     $("files-help").textContent = model.minImages === model.maxImages
       ? `Exactly ${model.minImages} image${model.minImages > 1 ? "s" : ""}.`
@@ -234,7 +238,7 @@ async function submit(event) {
   if (!model) { showError("Choose a model."); return; }
   const body = { model: model.id, ...paramValues() };
   const prompt = $("prompt").value.trim();
-  if (prompt) body.prompt = prompt;
+  if (prompt && model.takesPrompt) body.prompt = prompt;
   let path = "/api/flux/text-to-image";
   if (model.minImages > 0) {
     path = "/api/flux/image-to-image";
@@ -242,7 +246,7 @@ async function submit(event) {
       showError(`This model needs ${model.minImages === 1 ? "an input image" : `${model.minImages} or more input images`}: upload first.`);
       return;
     }
-    if (model.mode.startsWith("multi")) body.image_urls = state.uploads;
+    if (model.imageField === "image_urls") body.image_urls = state.uploads.slice(0, model.maxImages);
     else body.image_url = state.uploads[0];
   }
   $("submit").disabled = true;

@@ -1,0 +1,1 @@
+"""Operator tools: dead letters (``fluxpipe dlq``), stuck tasks (``fluxpipe stuck``), replay."""
