@@ -13,9 +13,11 @@ from services.common.settings import Settings
 from services.common.storage.base import Storage, StorageError
 from services.common.storage.keys import check_key, upload_key, user_key, user_prefix
 from services.common.storage.local import LocalStorage
+from services.common.storage.metered import MeteredStorage
 
 __all__ = [
     "LocalStorage",
+    "MeteredStorage",
     "Storage",
     "StorageError",
     "check_key",
@@ -30,8 +32,6 @@ __all__ = [
 
 def make_storage(settings: Settings) -> Storage:
     """The configured backend, counted for monitoring (``MeteredStorage``)."""
-    from services.common.storage.metered import MeteredStorage
-
     if settings.storage_backend == "cos":
         from services.common.storage.cos import CosStorage
 
