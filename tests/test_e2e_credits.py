@@ -5,7 +5,6 @@ the key is kept encrypted and never shows in any event, log line or response."""
 from __future__ import annotations
 
 import asyncio
-import json
 import stat
 import time
 from collections.abc import Iterator
@@ -14,8 +13,8 @@ import httpx
 import pytest
 
 from services.common.bus import Bus
-from services.common.settings import Settings
 from tests.test_e2e import FAL_KEY, Stack, follow
+from tests.test_e2e_security import nats_settings
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -48,10 +47,8 @@ def wait_balance(client: httpx.Client, expected: tuple[int, int, int]) -> None:
 
 
 def all_events(stack: Stack) -> list[bytes]:
-    runtime = json.loads((stack.data_dir / "runtime.json").read_text())
-
     async def read() -> list[bytes]:
-        bus = await Bus.connect(Settings(NATS_URL=runtime["NATS_URL"]), "test", ensure=False)
+        bus = await Bus.connect(nats_settings(stack, "operator"), "test", ensure=False)
         try:
             return [data async for _, _, data in bus.iter_raw(f"{bus.prefix}.>")]
         finally:

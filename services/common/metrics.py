@@ -27,7 +27,7 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-METRICS_OFFSETS = {"projector": 1, "submitter": 2, "poller": 3, "uploader": 4}
+METRICS_OFFSETS = {"projector": 1, "submitter": 2, "poller": 3, "uploader": 4, "ledger": 5}
 
 EVENTS_HANDLED = Counter(
     "fluxpipe_events_handled_total", "Messages a consumer's handler finished (then acked)", ["consumer"]

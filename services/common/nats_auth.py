@@ -9,12 +9,14 @@ the JetStream API it uses on our stream:
 ============  =============================================  ====================================
 user          publishes (events)                             JetStream API
 ============  =============================================  ====================================
-gateway       ``task.*.requested``, ``history.*.*.hidden``   stream info/create, message get,
+gateway       ``task.*.requested``, ``history.*.*.hidden``,  stream info/create, message get,
+              ``credits.*``, ``config.changed``              the rate-limit KV bucket,
                                                              ordered consumers (live task feed)
 submitter     ``task.*.{submitted,failed}``                  + its durable consumer
 poller        ``task.*.{status,completed,failed}``           + its durable consumer
 uploader      ``task.*.{stored,storage_failed}``             + its durable consumer
 projector     its dead letters only                          ordered consumer over ``<prefix>.>``
+ledger        ``credits.*``, ``task.*.requested`` (sweeper)  + its durable consumer
 operator      everything (the operators' CLI tools)          everything
 ============  =============================================  ====================================
 
@@ -38,17 +40,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 USERS_FILE = "nats-users.json"
-SERVICES = ("gateway", "submitter", "poller", "uploader", "projector")
+SERVICES = ("gateway", "submitter", "poller", "uploader", "projector", "ledger")
 OPERATOR = "operator"
 
 PUBLISHES: dict[str, tuple[str, ...]] = {
-    "gateway": ("task.*.requested", "history.*.*.hidden"),
+    "gateway": ("task.*.requested", "history.*.*.hidden", "credits.*", "config.changed"),
     "submitter": ("task.*.submitted", "task.*.failed", "dlq.submitter"),
     "poller": ("task.*.status", "task.*.completed", "task.*.failed", "dlq.poller"),
     "uploader": ("task.*.stored", "task.*.storage_failed", "dlq.uploader"),
     "projector": ("dlq.projector",),
+    # charges and refunds; the sweeper re-publishes a held job's request (same msg id)
+    "ledger": ("credits.*", "task.*.requested", "dlq.ledger"),
 }
-DURABLES: dict[str, str] = {"submitter": "submitter", "poller": "poller", "uploader": "uploader"}
+DURABLES: dict[str, str] = {
+    "submitter": "submitter",
+    "poller": "poller",
+    "uploader": "uploader",
+    "ledger": "ledger",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,17 @@ def permissions(user: str, stream: str, prefix: str) -> Permissions:
         f"{api}.CONSUMER.CREATE.{stream}",
         "$JS.FC.>",
     ]
+    if user == "gateway":
+        # the per-user rate limits: a key-value bucket of its own (services/common/ratelimit.py)
+        bucket = f"{stream}_ratelimits"
+        publish += [
+            f"$KV.{bucket}.>",
+            f"{api}.STREAM.INFO.KV_{bucket}",
+            f"{api}.STREAM.CREATE.KV_{bucket}",
+            f"{api}.STREAM.MSG.GET.KV_{bucket}",
+            f"{api}.DIRECT.GET.KV_{bucket}",
+            f"{api}.DIRECT.GET.KV_{bucket}.>",
+        ]
     subscribe = ["_INBOX.>"]
     if durable := DURABLES.get(user):
         publish += [
