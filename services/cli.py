@@ -18,6 +18,7 @@ import httpx
 import typer
 
 from services.common.settings import Settings
+from services.storage_cli import app as storage_app
 
 if TYPE_CHECKING:
     from services.common.bus import Bus
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app.add_typer(storage_app, name="storage")
 
 DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="FLUXPIPE_DATA_DIR", help="Where the embedded servers keep data")

@@ -119,7 +119,7 @@ async def test_a_dead_letter_is_listed_and_redriven_once(bus, settings, tmp_path
     story = await tokens(bus, "t1")
     # The re-driven copy is in the log once (marked Fluxpipe-Redrive-Of), and one copy was stored.
     assert story == ["requested", "completed", "storage_failed", "completed", "stored"]
-    assert (storage.inner.root / "flux_fal-ai_flux-1_dev_t1.png").exists()  # type: ignore[attr-defined]
+    assert (storage.inner.root / "users/alice/flux_fal-ai_flux-1_dev_t1.png").exists()  # type: ignore[attr-defined]
 
 
 async def test_projector_letters_are_not_redriven_but_replayed(bus):

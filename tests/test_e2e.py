@@ -157,7 +157,9 @@ def test_a_text_to_image_job_runs_end_to_end(stack: Stack) -> None:
         assert seen[-1] == "SUCCESS" and set(seen) <= {"PENDING", "IN_QUEUE", "IN_PROGRESS", "SUCCESS"}
         assert task["request_id"]
         assert task["image_url"] == task["cloud_image_url"]
-        assert task["cloud_image_url"].startswith(f"{stack.url}/files/flux_fal-ai_flux-1_dev_{task_id}")
+        assert task["cloud_image_url"].startswith(
+            f"{stack.url}/files/users/dev/flux_fal-ai_flux-1_dev_{task_id}"
+        )
         assert task["provider_image_url"] and task["provider_image_url"] != task["cloud_image_url"]
         assert task["generation_time"] > 0
         assert task["completed_at"] is not None and task["queue_position"] is None

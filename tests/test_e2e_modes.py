@@ -197,7 +197,7 @@ def test_every_model_reaches_success_with_images_of_the_requested_size_and_count
         assert task["model"] == body["model"] and len(task["images"]) == count, task
         assert [img["has_nsfw_concepts"] for img in task["images"]] == [False] * count
         keys = [img["key"] for img in task["images"]]
-        prefix = f"flux_{body['model'].replace('/', '_')}_{task_id}"
+        prefix = f"users/dev/flux_{body['model'].replace('/', '_')}_{task_id}"
         assert keys == [f"{prefix}{'' if i == 0 else f'_{i}'}.jpg" for i in range(count)]
         for img in task["images"]:
             picture = stored_image(client, img["url"])

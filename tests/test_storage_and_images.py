@@ -27,6 +27,10 @@ async def test_local_storage_writes_atomically_and_returns_the_public_url(tmp_pa
     assert (tmp_path / "flux_a_b.png").read_bytes() == png()
     assert await storage.put("flux_a_b.png", png(), "image/png", {}) == url
     assert [p.name for p in tmp_path.iterdir()] == ["flux_a_b.png"]
+    assert storage.key_for_url(url) == "flux_a_b.png" and storage.key_for_url("http://else/x") is None
+    assert await storage.get("flux_a_b.png") == png()
+    await storage.delete("flux_a_b.png")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a/../../b", ""])

@@ -39,6 +39,8 @@ def setup_logging(settings: Settings, service: str) -> None:
                 settings.webui_secret_key.get_secret_value(),
                 settings.webui_forwarded_jwt_secret.get_secret_value(),
                 settings.config_key.get_secret_value(),
+                settings.cos_secret_key.get_secret_value(),
+                settings.cos_token.get_secret_value(),
             ],
         )
     )
@@ -46,6 +48,7 @@ def setup_logging(settings: Settings, service: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("qcloud_cos").setLevel(logging.WARNING)  # it logs request headers and signatures
 
 
 async def run_until_signalled(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:

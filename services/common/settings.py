@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -106,6 +107,25 @@ class Settings(BaseSettings):
         """Where fal's webhooks reach the gateway (``<base>/api/flux/webhooks/fal/<task>``), or
         None: completion is then detected by polling alone."""
         return self.webhook_base_url.rstrip("/") or None
+
+    # Object storage: ``local`` (a folder the gateway serves) or ``cos`` (Tencent COS); see
+    # docs/DEPLOYMENT.md. COS credentials are secrets like the fal key.
+    storage_backend: Literal["local", "cos"] = Field("local", validation_alias="FLUXPIPE_STORAGE")
+    cos_bucket: str = Field("", validation_alias="COS_BUCKET")
+    cos_region: str = Field("", validation_alias="COS_REGION")
+    cos_secret_id: SecretStr = Field(SecretStr(""), validation_alias="COS_SECRET_ID")
+    cos_secret_key: SecretStr = Field(SecretStr(""), validation_alias="COS_SECRET_KEY")
+    cos_token: SecretStr = Field(SecretStr(""), validation_alias="COS_TOKEN")
+    cos_scheme: Literal["https", "http"] = Field("https", validation_alias="COS_SCHEME")
+    cos_domain: str = Field("", validation_alias="COS_DOMAIN")
+    cos_public_base_url: str = Field("", validation_alias="COS_PUBLIC_BASE_URL")
+    cos_public_read: bool = Field(False, validation_alias="COS_PUBLIC_READ")
+    cos_url_expires: int = Field(3600, ge=60, validation_alias="COS_URL_EXPIRES")
+    cos_key_prefix: str = Field("", validation_alias="COS_KEY_PREFIX")
+    cos_timeout: float = Field(30.0, gt=0, validation_alias="COS_TIMEOUT")
+    cos_threads: int = Field(8, ge=1, validation_alias="COS_THREADS")
+    cos_retry_attempts: int = Field(4, ge=1, validation_alias="COS_RETRY_ATTEMPTS")
+    cos_part_size: int = Field(8 * 1024 * 1024, ge=1024 * 1024, validation_alias="COS_PART_SIZE")
 
     @property
     def async_database_url(self) -> str:

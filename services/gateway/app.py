@@ -23,6 +23,7 @@ from services.common.auth import check_secret
 from services.common.bus import Bus
 from services.common.db import make_engine
 from services.common.settings import Settings
+from services.common.storage import make_storage
 from services.gateway import admission
 from services.gateway.guards import BodyLimit, ErrorBoundary, json_bytes
 from services.gateway.routes import (
@@ -86,11 +87,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.bus = await Bus.connect(settings, "gateway")
         app.state.engine = make_engine(settings)
+        app.state.storage = make_storage(settings)
         await admission.start(app, settings, app.state.bus)
         try:
             yield
         finally:
             await admission.stop(app)
+            app.state.storage.close()
             await app.state.engine.dispose()
             await app.state.bus.close()
 

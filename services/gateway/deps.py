@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.common.auth import Forbidden, InvalidToken, Principal, authenticate
 from services.common.bus import Bus
 from services.common.settings import Settings
+from services.common.storage import Storage
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -30,9 +31,14 @@ def get_engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 BusDep = Annotated[Bus, Depends(get_bus)]
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 def current_user(

@@ -1,16 +1,25 @@
 """The uploader: ``TaskCompleted`` → download fal's images → our storage → ``ImagesStored``.
 
-Idempotent: storage keys are derived from model, task and image index, so a redelivered
-``TaskCompleted`` rewrites the same objects and publishes the same ``ImagesStored`` (same
-msg id, dropped by the server). Downloads failing for network reasons are retried through
-redelivery; bytes that are not an image, or a last attempt that fails, end in
-``StorageFailed`` with the reason. The task stays SUCCESS either way: fal's URL remains.
+Idempotent: storage keys are derived from user, model, task and image index
+(``users/<user>/flux_<model>_<task>[_<n>].<ext>``), so a redelivered ``TaskCompleted``
+rewrites the same objects and publishes the same ``ImagesStored`` (same msg id, dropped by the
+server); once ``ImagesStored`` is in the log a redelivery stores nothing. ``ImagesStored``
+records each object's key and unsigned address, never a pre-signed URL (the gateway signs
+fresh ones when it answers).
+
+Failures: the storage backend retries transient errors itself (with backoff); if they persist
+the message is redelivered; downloads failing for network reasons are retried through
+redelivery. Bytes that are not an image, a storage refusal (bad credentials, no such bucket)
+or a last attempt that fails end in ``StorageFailed`` with the reason (no credentials in it);
+a storage failure also parks the message as a dead letter, so re-driving it once storage is
+fixed makes the copy. The task stays SUCCESS either way: fal's URL remains.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import logging
 from functools import partial
 
@@ -25,12 +34,12 @@ from schemas.events import (
     StoredImage,
     TaskCompleted,
 )
-from services.common.bus import Bus, Consumer, hold
+from services.common.bus import Bus, Consumer, PermanentError, hold
 from services.common.ending import storage_failed_dead_lettered
 from services.common.images import NotAnImage, inspect_image
 from services.common.result_hosts import ForeignResultHost, result_client
 from services.common.settings import Settings
-from services.common.storage import Storage, make_storage
+from services.common.storage import Storage, StorageError, make_storage, user_key
 from services.common.worker import TypedHandler, Worker
 
 log = logging.getLogger(__name__)
@@ -63,16 +72,14 @@ async def download(http: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
         except ValueError as exc:  # binascii.Error
             raise NotAnImage(f"the data URI is not valid base64: {exc}") from exc
     else:
-        chunks: list[bytes] = []
-        size = 0
+        buffer = io.BytesIO()  # getvalue() hands over its buffer: the image is never held twice
         async with http.stream("GET", url) as response:
             response.raise_for_status()
             async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
+                if buffer.tell() + len(chunk) > max_bytes:
                     raise DownloadTooLarge(f"image larger than {max_bytes} bytes")
-                chunks.append(chunk)
-        data = b"".join(chunks)
+                buffer.write(chunk)
+        data = buffer.getvalue()
     if len(data) > max_bytes:
         raise DownloadTooLarge(f"image larger than {max_bytes} bytes")
     return data
@@ -99,22 +106,29 @@ async def on_completed(
     requested = await bus.last_event(event.task_id, "requested")
     model = getattr(getattr(requested, "data", None), "model", "unknown")
     prompt = getattr(getattr(requested, "data", None), "prompt", None) or ""
+    task_type = getattr(getattr(requested, "data", None), "task_type", None) or "text_to_image"
     stored: list[StoredImage] = []
     try:
         async with hold(msg, every=ACK_WAIT / 3, interruptible=False):
             for index, image in enumerate(event.data.images):
                 data = await download(http, image.url, settings.max_image_bytes)
                 info = inspect_image(data)
-                key = result_key(model, event.task_id, index, info.extension)
-                url = await storage.put(
+                key = user_key(event.user_id, result_key(model, event.task_id, index, info.extension))
+                await storage.put(
                     key,
                     data,
                     info.content_type,
-                    {"source": "flux", "task_id": event.task_id, "model": model, "prompt": prompt[:512]},
+                    {
+                        "source": "flux",
+                        "task_id": event.task_id,
+                        "model": model,
+                        "prompt": prompt[:512],
+                        "task_type": task_type,
+                    },
                 )
                 stored.append(
                     StoredImage(
-                        url=url,
+                        url=storage.object_url(key),
                         key=key,
                         content_type=info.content_type,
                         width=info.width,
@@ -125,6 +139,11 @@ async def on_completed(
     except (NotAnImage, DownloadTooLarge, ForeignResultHost) as exc:
         await bus.publish(StorageFailed(**envelope, data=StorageFailedData(error=str(exc))))
         return
+    except StorageError as exc:
+        if exc.transient and msg.metadata.num_delivered < max_deliver:
+            raise
+        await bus.publish(StorageFailed(**envelope, data=StorageFailedData(error=str(exc))))
+        raise PermanentError(str(exc)) from None
     except (httpx.HTTPError, OSError) as exc:
         if msg.metadata.num_delivered < max_deliver:
             raise
@@ -141,10 +160,12 @@ async def _setup(
         result_client(settings, timeout=httpx.Timeout(60, connect=10), follow_redirects=True)
     )
     spec = consumer(settings)
+    storage = make_storage(settings)
+    stack.callback(storage.close)
     handler = partial(
         on_completed,
         bus=bus,
-        storage=make_storage(settings),
+        storage=storage,
         http=http,
         settings=settings,
         max_deliver=spec.max_deliver,

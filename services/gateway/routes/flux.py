@@ -20,8 +20,9 @@ from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.db import FluxTask
 from services.common.settings import Settings
+from services.common.storage import Storage, fresh_urls
 from services.gateway import admission
-from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep, StorageDep
 from services.gateway.from_log import task_from_log
 from services.gateway.guards import database_unreachable
 from services.gateway.lineage import retries_of
@@ -133,8 +134,10 @@ async def current_status(engine: AsyncEngine, task_id: str) -> TaskStatus:
     return cast(TaskStatus, found or "PENDING")
 
 
-def task_out(row: Mapping[Any, Any]) -> TaskOut:
+def task_out(row: Mapping[Any, Any], storage: Storage | None = None) -> TaskOut:
     data = dict(row)
+    if storage is not None and data["cloud_images"]:
+        data["cloud_image_url"], data["cloud_images"] = fresh_urls(storage, data["cloud_images"])
     return TaskOut(
         **{k: v for k, v in data.items() if k in TaskOut.model_fields and k not in ("image_url", "images")},
         image_url=data["cloud_image_url"] or data["image_url"],
@@ -144,7 +147,9 @@ def task_out(row: Mapping[Any, Any]) -> TaskOut:
 
 
 @router.get("/task/{task_id}", response_model=TaskOut)
-async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusDep) -> TaskOut:
+async def get_task(
+    task_id: str, user: CurrentUser, engine: EngineDep, bus: BusDep, storage: StorageDep
+) -> TaskOut:
     """One task of the caller (any task for an admin); from the event log if PostgreSQL is down."""
     query = select(tasks).where(tasks.c.id == task_id)
     if not user.admin:
@@ -159,9 +164,9 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
         log.warning("task database unavailable, answering task %s from the event log: %r", task_id, exc)
         row = None
     if row is not None:
-        return task_out(row._mapping).model_copy(update={"retried_by": retried.get(task_id, [])})
+        return task_out(row._mapping, storage).model_copy(update={"retried_by": retried.get(task_id, [])})
     if folded := await task_from_log(bus, task_id, user):
-        return task_out(folded)
+        return task_out(folded, storage)
     raise HTTPException(status.HTTP_404_NOT_FOUND, f"task {task_id} not found")
 
 
@@ -169,6 +174,7 @@ async def get_task(task_id: str, user: CurrentUser, engine: EngineDep, bus: BusD
 async def history(
     user: CurrentUser,
     engine: EngineDep,
+    storage: StorageDep,
     page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> HistoryPage:
@@ -186,5 +192,7 @@ async def history(
             )
         ).all()
         retried = await retries_of(conn, [r.id for r in rows])
-    items = [task_out(r._mapping).model_copy(update={"retried_by": retried.get(r.id, [])}) for r in rows]
+    items = [
+        task_out(r._mapping, storage).model_copy(update={"retried_by": retried.get(r.id, [])}) for r in rows
+    ]
     return HistoryPage(items=items, total=total, page=page, limit=limit)

@@ -19,13 +19,11 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -50,6 +48,7 @@ from schemas.events import (
 from services.common.auth import Principal
 from services.common.bus import Bus
 from services.common.settings import Settings
+from services.common.storage import Storage, StorageError
 from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
 from services.gateway.routes.flux import accept_job
 from services.gateway.routes.uploads import store_input_image
@@ -274,9 +273,10 @@ async def wait_for_story(bus: Bus, settings: Settings, task_id: str) -> dict[str
 
 
 async def image_entries(
-    story: dict[str, FluxEvent], response_format: str, storage_dir: Path, http: httpx.AsyncClient
+    story: dict[str, FluxEvent], response_format: str, storage: Storage, http: httpx.AsyncClient
 ) -> list[dict[str, Any]]:
-    """OpenAI's ``data`` entries: our stored copies, else fal's URLs (the copy failed)."""
+    """OpenAI's ``data`` entries: our stored copies (URLs from ``storage.url``: pre-signed for a
+    private bucket), else fal's URLs (the copy failed)."""
     stored = story.get("stored")
     completed = story.get("completed")
     assert isinstance(completed, TaskCompleted)
@@ -286,17 +286,23 @@ async def image_entries(
     else:
         sources = [(img.url, None) for img in completed.data.images]
     if response_format == "url":
-        return [{"url": url} for url, _ in sources]
+        return [{"url": storage.url(key) if key else url} for url, key in sources]
     entries = []
     for url, key in sources:
-        if key is not None and (path := storage_dir / key).is_file():
-            data = await asyncio.to_thread(path.read_bytes)
-        else:
+        data = await _stored_bytes(storage, key) if key is not None else None
+        if data is None:
             answer = await http.get(url)
             answer.raise_for_status()
             data = answer.content
         entries.append({"b64_json": base64.b64encode(data).decode()})
     return entries
+
+
+async def _stored_bytes(storage: Storage, key: str) -> bytes | None:
+    try:
+        return await storage.get(key)
+    except (StorageError, OSError):
+        return None
 
 
 @router.get("/models")
@@ -370,7 +376,12 @@ async def edits(
     for index, upload in enumerate(files):
         raw = await upload.read(settings.max_upload_bytes + 1)
         stored = await store_input_image(
-            settings, user.user_id, raw, upload.filename, field=f"image[{index}]"
+            settings,
+            user.user_id,
+            raw,
+            upload.filename,
+            field=f"image[{index}]",
+            storage=request.app.state.storage,
         )
         urls.append(stored.url)
     extra = {k: v for k, v in text.items() if k not in EDIT_FIELDS}
@@ -394,5 +405,5 @@ async def _run_and_answer(
     accepted = await accept_job(request, data, user, bus, engine, settings, Response(), None)
     story = await wait_for_story(bus, settings, accepted.task_id)
     async with httpx.AsyncClient(timeout=60) as http:
-        entries = await image_entries(story, fmt, settings.storage_dir, http)
+        entries = await image_entries(story, fmt, request.app.state.storage, http)
     return {"created": int(time.time()), "data": entries}

@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from schemas.api import UploadedImage
 from services.common.images import NotAnImage, TooManyPixels, UnsupportedImage, reencode_upload
 from services.common.settings import Settings
-from services.common.storage import make_storage
+from services.common.storage import Storage
 from services.common.urls import upload_key
 from services.gateway.deps import CurrentUser, SettingsDep
 from services.gateway.upload_stream import read_file_field
@@ -57,11 +57,18 @@ async def upload_image(request: Request, user: CurrentUser, settings: SettingsDe
     """Store an input image (multipart field ``file``; jpg, png or webp, at most 10 MB) and
     return its URL for ``image_url`` / ``image_urls``."""
     received = await read_file_field(request, "file", settings.max_upload_bytes)
-    return await store_input_image(settings, user.user_id, received.data, received.filename, field="file")
+    return await store_input_image(
+        settings,
+        user.user_id,
+        received.data,
+        received.filename,
+        field="file",
+        storage=request.app.state.storage,
+    )
 
 
 async def store_input_image(
-    settings: Settings, user_id: str, raw: bytes, filename: str | None, *, field: str
+    settings: Settings, user_id: str, raw: bytes, filename: str | None, *, field: str, storage: Storage
 ) -> UploadedImage:
     """Check, re-encode and store one input image of ``user_id`` (the upload route's rules, also
     for ``/v1/images/edits``); ``HTTPException`` naming ``field`` and why when it is refused."""
@@ -81,9 +88,7 @@ async def store_input_image(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{field}: {exc}") from None
     key = upload_key(user_id, f"flux_input_{uuid.uuid4().hex}.{info.extension}")
     name = (filename or "")[:255]
-    url = await make_storage(settings).put(
-        key, data, info.content_type, {"source": "flux_input", "original_filename": name}
-    )
+    url = await storage.put(key, data, info.content_type, {"source": "flux_input", "original_filename": name})
     return UploadedImage(
         url=url,
         key=key,
