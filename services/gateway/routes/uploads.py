@@ -23,7 +23,8 @@ from services.common.images import NotAnImage, TooManyPixels, UnsupportedImage, 
 from services.common.settings import Settings
 from services.common.storage import Storage
 from services.common.urls import upload_key
-from services.gateway.deps import CurrentUser, SettingsDep
+from services.gateway.admission import UploadingUser
+from services.gateway.deps import SettingsDep
 from services.gateway.upload_stream import read_file_field
 
 router = APIRouter(prefix="/api/flux", tags=["uploads"])
@@ -53,9 +54,10 @@ _MULTIPART = {
     response_model=UploadedImage,
     openapi_extra=_MULTIPART,
 )
-async def upload_image(request: Request, user: CurrentUser, settings: SettingsDep) -> UploadedImage:
+async def upload_image(request: Request, user: UploadingUser, settings: SettingsDep) -> UploadedImage:
     """Store an input image (multipart field ``file``; jpg, png or webp, at most 10 MB) and
-    return its URL for ``image_url`` / ``image_urls``."""
+    return its URL for ``image_url`` / ``image_urls``. Counts against the caller's upload rate
+    limit (``FLUXPIPE_RATE_UPLOADS``)."""
     received = await read_file_field(request, "file", settings.max_upload_bytes)
     return await store_input_image(
         settings,
