@@ -53,6 +53,7 @@ from services.common.bus import Bus, Consumer, hold, origin_seq
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings
+from services.common.storage import Storage, fresh_url, make_storage
 from services.common.urls import inline_own_uploads
 from services.common.worker import TypedHandler, Worker
 
@@ -101,7 +102,14 @@ def consumer(settings: Settings, fal: FalClient) -> Consumer:
 
 
 async def on_requested(
-    event: TaskRequested, msg: Msg, *, bus: Bus, fal: FalClient, settings: Settings, max_deliver: int
+    event: TaskRequested,
+    msg: Msg,
+    *,
+    bus: Bus,
+    fal: FalClient,
+    settings: Settings,
+    max_deliver: int,
+    storage: Storage | None = None,
 ) -> None:
     """Submit the task unless that was done already, then hold its slot until it ends.
 
@@ -118,7 +126,7 @@ async def on_requested(
     submitted = await bus.last_event(event.task_id, "submitted")
     if submitted is None:
         async with hold(msg, every=settings.failover_seconds / 3, interruptible=False):
-            submitted = await submit(event, msg, bus, fal, max_deliver, settings=settings)
+            submitted = await submit(event, msg, bus, fal, max_deliver, settings=settings, storage=storage)
         if submitted is None:
             return
     assert isinstance(submitted, TaskSubmitted)
@@ -145,7 +153,14 @@ async def on_requested(
 
 
 async def submit(
-    event: TaskRequested, msg: Msg, bus: Bus, fal: FalClient, max_deliver: int, *, settings: Settings
+    event: TaskRequested,
+    msg: Msg,
+    bus: Bus,
+    fal: FalClient,
+    max_deliver: int,
+    *,
+    settings: Settings,
+    storage: Storage | None = None,
 ) -> TaskSubmitted | None:
     """Submit to fal and publish the outcome; the ``TaskSubmitted`` if the task is now at fal."""
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
@@ -160,6 +175,8 @@ async def submit(
     budget = submit_budget(settings)
     try:
         image_urls = await inline_own_uploads(event.data.image_urls, settings)
+        if storage is not None:  # a private bucket's upload: signed afresh for fal, now
+            image_urls = tuple(fresh_url(storage, url) for url in image_urls)
     except FileNotFoundError:
         error = "an input image (an upload) is no longer in our storage"
         await bus.publish(TaskFailed(**envelope, data=TaskFailedData(stage="submit", error=error)))
@@ -213,7 +230,12 @@ async def _setup(
     stack.push_async_callback(fal.aclose)
     spec = consumer(settings, fal)
     await config.follow(settings, bus, stack, fal, spec)
-    return spec, partial(on_requested, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver)
+    storage = make_storage(settings)
+    stack.callback(storage.close)
+    handler = partial(
+        on_requested, bus=bus, fal=fal, settings=settings, max_deliver=spec.max_deliver, storage=storage
+    )
+    return spec, handler
 
 
 worker = Worker("submitter", TaskRequested, _setup)

@@ -27,7 +27,8 @@ from schemas.history import (
     encode_cursor,
 )
 from services.common.db import ImageHistory
-from services.gateway.deps import BusDep, CurrentUser, EngineDep
+from services.common.storage import Storage, fresh_url
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, StorageDep
 
 router = APIRouter(prefix="/api/flux", tags=["history"])
 
@@ -40,7 +41,9 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
-def item_out(row: Any) -> HistoryItemOut:
+def item_out(row: Any, storage: Storage | None = None) -> HistoryItemOut:
+    """One item; our stored copy's URL made fetchable now (signed afresh for a private bucket)."""
+    image_url = fresh_url(storage, row.image_url) if storage is not None else row.image_url
     return HistoryItemOut(
         id=f"{row.source}:{row.source_task_id}",
         source=row.source,
@@ -49,7 +52,7 @@ def item_out(row: Any) -> HistoryItemOut:
         model=row.model,
         prompt=row.prompt,
         status=row.status,
-        image_url=row.image_url,
+        image_url=image_url,
         provider_image_url=row.provider_image_url,
         created_at=row.created_at,
     )
@@ -96,6 +99,7 @@ def page_query(
 async def unified_history(
     user: CurrentUser,
     engine: EngineDep,
+    storage: StorageDep,
     page: Annotated[int, Query(ge=1)] = 1,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     source: HistorySource | None = None,
@@ -136,7 +140,7 @@ async def unified_history(
         rows = (await conn.execute(query)).all()
     more, rows = len(rows) > limit, rows[:limit]
     return UnifiedHistoryPage(
-        items=[item_out(r) for r in rows],
+        items=[item_out(r, storage) for r in rows],
         page=None if cursor is not None else page,
         limit=limit,
         next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more else None,
