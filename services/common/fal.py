@@ -257,6 +257,7 @@ class FalClient:
         if not api_key or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
             raise ValueError("api_key is empty or not allowed in an HTTP header")
         self._base_url = base_url.rstrip("/")
+        self._origin = _origin(self._base_url)  # the key now goes only to the new host
         parts = {api_key, *(part for part in api_key.split(":") if len(part) >= 8)}
         self._secrets = tuple(sorted({*self._secrets, *parts}, key=len, reverse=True))
         self._http.headers["Authorization"] = f"Key {api_key}"
