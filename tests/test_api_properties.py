@@ -42,7 +42,7 @@ def test_no_route_answers_a_5xx_and_answers_match_the_schema(stack: Stack) -> No
     for operation, mode in itertools.product(operations, GenerationMode):
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
         def check(case) -> None:  # noqa: ANN001 - a schemathesis Case
             case.call_and_validate(base_url=stack.url, headers=stack.auth, checks=CHECKS, timeout=30)
 
