@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -119,6 +120,19 @@ async def engine(database_url: str, settings: Settings) -> AsyncIterator[AsyncEn
         async with engine.begin() as conn:
             await conn.execute(empty)
     await engine.dispose()
+
+
+@pytest.fixture
+async def client(settings: Settings, engine: AsyncEngine, bus: Bus) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway app with its real lifespan (NATS, PostgreSQL), over ASGI; ``bus`` removes the
+    test stream after."""
+    from services.gateway.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
 
 
 @pytest.fixture(scope="module")

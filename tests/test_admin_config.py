@@ -15,7 +15,6 @@ from sqlalchemy import text
 
 from services.common.auth import issue_token
 from services.common.config import LiveConfig, new_config_key
-from services.gateway.app import create_app
 from services.poller.main import worker as poller_worker
 from services.projector.main import project
 from services.submitter.main import worker as submitter_worker
@@ -29,15 +28,6 @@ NEW_KEY = "fal-live-key:9f8e7d6c5b4a39281706"
 def settings(settings):
     settings.config_key = SecretStr(new_config_key())
     return settings
-
-
-@pytest.fixture
-async def client(settings, engine, bus) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
 
 
 @pytest.fixture

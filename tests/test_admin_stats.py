@@ -4,29 +4,17 @@ and the gateway's ``/metrics``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import TaskRequested, TaskRequestedData
 from services.common.auth import issue_token
-from services.gateway.app import create_app
 from services.projector.main import project
 from tests.test_replay import caught_up, task_story
 
 SCHNELL = "fal-ai/flux-1/schnell"
-
-
-@pytest.fixture
-async def client(settings, engine, bus) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
 from schemas.events import TaskRequested
 from services.common.auth import issue_token
 from services.gateway.app import create_app
-
-
-@pytest.fixture
-async def client(settings, engine, bus) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its real lifespan (NATS, PostgreSQL); ``bus`` removes the test stream after."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
 
 
 @pytest.fixture
