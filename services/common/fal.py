@@ -443,7 +443,11 @@ class FalClient:
                 error_type = body["error_type"]
         if message is None:
             text = response.text.strip()
-            message = text[:_MAX_TEXT_MESSAGE] if text else f"HTTP {response.status_code}"
+            if text.startswith("<") or "html" in response.headers.get("content-type", ""):
+                # an ingress/proxy page, not fal's answer: its markup is no message for a user
+                message = f"HTTP {response.status_code} {response.reason_phrase} from fal's gateway"
+            else:
+                message = text[:_MAX_TEXT_MESSAGE] if text else f"HTTP {response.status_code}"
         error_type = error_type or response.headers.get("x-fal-error-type") or detail_type
         return FalError(
             self._redact(message),
@@ -459,8 +463,11 @@ class FalClient:
         except ValueError:
             body = None
         if not isinstance(body, dict):
+            # a garbled answer to a call that succeeded: the same call may well work next time
             raise FalError(
-                "fal answered with something that is not a JSON object", status_code=response.status_code
+                "fal answered with something that is not a JSON object",
+                status_code=response.status_code,
+                retryable=True,
             )
         return body
 
