@@ -153,3 +153,38 @@ def test_the_openai_images_route_hands_out_signed_urls_and_reads_the_bytes_throu
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
     data = base64.b64decode(inline.json()["data"][0]["b64_json"])
     assert any(stored.data == data for stored in cos.sim.objects.values())
+
+
+def test_an_upload_is_stored_in_cos_and_an_image_job_uses_it(stack, cos):
+    picture = io.BytesIO()
+    Image.new("RGB", (320, 200), (30, 160, 90)).save(picture, "PNG")
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=30) as client:
+        r = client.post(
+            "/api/flux/upload-image", files={"file": ("field.png", picture.getvalue(), "image/png")}
+        )
+        assert r.status_code == 201, r.text
+        upload = r.json()
+        assert upload["url"].startswith(f"{cos.url}/{upload['key']}?") and "q-signature=" in upload["url"]
+        assert httpx.get(upload["url"]).status_code == 200  # signed: fetchable
+        assert httpx.get(f"{cos.url}/{upload['key']}").status_code == 403  # the bucket is private
+        meta = {k: unquote(v) for k, v in cos.sim.objects[upload["key"]].metadata.items()}
+        assert (
+            meta["x-cos-meta-source"] == "flux_input" and meta["x-cos-meta-original-filename"] == "field.png"
+        )
+
+        job = {"model": "fal-ai/flux-pro/kontext", "prompt": "make it autumn", "image_url": upload["url"]}
+        r = client.post("/api/flux/image-to-image", json=job)
+        assert r.status_code == 202, r.text
+        task, _ = follow(client, r.json()["task_id"], {"SUCCESS", "FAILED"})
+        assert task["status"] == "SUCCESS", task
+
+        stranger = client.post(
+            "/api/flux/image-to-image",
+            json={**job, "image_url": upload["url"]},
+            headers={"Authorization": f"Bearer {stack.cli('token', '--user', 'mallory').strip()}"},
+        )
+        assert stranger.status_code == 422 and "not one of your uploads" in stranger.json()["message"]
+
+    story = stack.cli("events", task["id"], "--json")
+    requested = json.loads(story.splitlines()[0])
+    assert requested["data"]["image_urls"] == [f"{cos.url}/{upload['key']}"]  # never a signed URL in the log

@@ -35,6 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from services.common.settings import Settings
+from services.common.storage import Storage
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -184,9 +185,13 @@ async def probe(url: str, settings: Settings, http: httpx.AsyncClient) -> None:
     raise RefusedUrl(f"redirects more than {MAX_REDIRECTS} times")
 
 
-async def check_input_url(url: str, user_id: str, settings: Settings, http: httpx.AsyncClient) -> None:
-    """Refuse ``url`` (``RefusedUrl``) unless it is the caller's upload or a public image URL."""
-    key = own_storage_key(url, settings)
+async def check_input_url(
+    url: str, user_id: str, settings: Settings, http: httpx.AsyncClient, storage: Storage | None = None
+) -> None:
+    """Refuse ``url`` (``RefusedUrl``) unless it is the caller's upload or a public image URL.
+    ``storage`` recognises our own objects in any backend (a COS bucket's URLs, signed or not)."""
+    key = storage.key_for_url(url) if storage is not None else None
+    key = key or own_storage_key(url, settings)
     if key is None:
         await probe(url, settings, http)
         return
@@ -195,7 +200,9 @@ async def check_input_url(url: str, user_id: str, settings: Settings, http: http
         raise RefusedUrl("is in our storage but is not an upload (POST /api/flux/upload-image)")
     if match["owner"] != user_prefix(user_id):
         raise RefusedUrl("is not one of your uploads")
-    if not await asyncio.to_thread((settings.storage_dir / key).is_file):
+    if settings.storage_backend == "local" and not await asyncio.to_thread(
+        (settings.storage_dir / key).is_file
+    ):
         raise RefusedUrl("names an upload that does not exist")
 
 

@@ -18,7 +18,7 @@ from schemas.api import InvalidJob, TaskAccepted, parse_image_job
 from schemas.catalog import MODELS, params_model
 from schemas.events import TaskRequestedData
 from services.common.urls import RefusedUrl, check_input_url
-from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep, StorageDep
 from services.gateway.routes.flux import accept_job
 
 router = APIRouter(prefix="/api/flux", tags=["flux"])
@@ -52,6 +52,7 @@ async def image_to_image(
     settings: SettingsDep,
     response: Response,
     request: Request,
+    storage: StorageDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TaskAccepted:
     """Queue a job on an image model (image-to-image, redux, kontext edit, multi-image edit).
@@ -71,12 +72,15 @@ async def image_to_image(
     ) as http:
         for index, url in enumerate(urls):
             try:
-                await check_input_url(url, user.user_id, settings, http)
+                await check_input_url(url, user.user_id, settings, http, storage)
             except RefusedUrl as exc:
                 multi = "image_urls" in params.model_fields
                 loc = ("body", "image_urls", index) if multi else ("body", "image_url")
                 errors.append({"loc": loc, "msg": f"the URL {exc}", "type": "url_refused"})
     if errors:
         raise RequestValidationError(errors)
+    # our own objects go into the log by their permanent address, never as a signed URL (the
+    # submitter signs them afresh when it hands them to fal)
+    urls = [storage.object_url(key) if (key := storage.key_for_url(url)) else url for url in urls]
     data = TaskRequestedData(model=spec.id, task_type=spec.task_type, image_urls=tuple(urls), **fields)
     return await accept_job(request, data, user, bus, engine, settings, response, idempotency_key)
