@@ -284,13 +284,14 @@ def up(
     from services.common.embedded import (
         EmbeddedNats,
         EmbeddedPostgres,
+        free_port,
         port_is_free,
         remembered_port,
         wait_for_port,
     )
     from services.common.migrate import upgrade
     from services.common.nats_auth import authorization_block, load_or_create_users, service_env
-    from services.common.supervisor import Supervisor
+    from services.common.supervisor import KeptServer, Supervisor
 
     if "FAL_BASE_URL" in os.environ and not os.environ.get("FAL_KEY"):
         raise typer.BadParameter("FAL_KEY is required when FAL_BASE_URL points at a real provider")
@@ -310,7 +311,11 @@ def up(
         signal.signal(sig, on_signal)
     started: list[Any] = []
     env = dict(os.environ)
-    children = Supervisor(env, say=lambda line: typer.echo(line, err=True))
+
+    def say(line: str) -> None:
+        typer.echo(line, err=True)
+
+    children = Supervisor(env, say=say)
     runtime = data_dir / RUNTIME_FILE
     try:
         env.setdefault("FLUXPIPE_JWT_SECRET", load_or_create_secret(data_dir / SECRET_FILE))
@@ -325,17 +330,17 @@ def up(
         if "NATS_URL" not in os.environ:
             nats_users = load_or_create_users(data_dir)
             base = Settings()
-            nats_server = EmbeddedNats.start(
-                data_dir / "nats",
-                sync_always=fsync,
-                auth=authorization_block(nats_users, base.stream_name, base.subject_prefix),
+            nats_port = free_port()
+            auth = authorization_block(nats_users, base.stream_name, base.subject_prefix)
+            nats_server = KeptServer(
+                lambda: EmbeddedNats.start(data_dir / "nats", nats_port, sync_always=fsync, auth=auth), say
             )
             started.append(nats_server)
-            env["NATS_URL"] = nats_server.url
+            env["NATS_URL"] = nats_server.server.url
         if "DATABASE_URL" not in os.environ:
-            pg = EmbeddedPostgres.start(data_dir / "pg")
+            pg = KeptServer(lambda: EmbeddedPostgres.start(data_dir / "pg"), say)
             started.append(pg)
-            env["DATABASE_URL"] = pg.url
+            env["DATABASE_URL"] = pg.server.url
         core: dict[str, Any] = {k: env[k] for k in ("NATS_URL", "DATABASE_URL", "FLUXPIPE_JWT_SECRET")}
         settings = Settings(**core)
         upgrade(settings)
@@ -380,8 +385,7 @@ def up(
         )
         while True:
             for server in started:
-                if not server.running():
-                    raise RuntimeError(f"the embedded {server.name} server stopped")
+                server.check()  # a dead NATS or PostgreSQL is started again on its data
             children.check()
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -311,3 +311,42 @@ def test_a_killed_stack_leaves_nothing_running_and_restarts_on_its_data(tmp_path
     again.proc.send_signal(signal.SIGHUP)  # the terminal closed: a clean stop, like Ctrl-C
     assert again.proc.wait(60) == 0 and "fluxpipe stopped" in again.output
     assert not alive(postmaster), "PostgreSQL outlived the stack"
+
+
+def test_a_killed_embedded_nats_is_started_again_and_the_stack_goes_on(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "data")  # its own: it kills a part of it
+    try:
+        _nats_killed_and_back(stack)
+    finally:
+        stack.stop()
+
+
+def _nats_killed_and_back(stack: Stack) -> None:
+    def nats_pid() -> int:
+        for pid in stack.children():
+            if b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        raise AssertionError("no nats-server under fluxpipe up")
+
+    before = nats_pid()
+    os.kill(before, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "fluxpipe: NATS restarted" not in stack.output:
+        assert stack.proc.poll() is None, "fluxpipe up gave up:\n" + stack.output
+        assert time.monotonic() < deadline, "NATS was not started again:\n" + stack.output
+        time.sleep(0.2)
+    assert nats_pid() != before
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=10) as client:
+        deadline = time.monotonic() + 60
+        while True:  # the gateway answers 503 until its connection is back
+            r = client.post(
+                "/api/flux/text-to-image",
+                json={"prompt": "after the restart"},
+                headers={"Idempotency-Key": "nr"},
+            )
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 202, r.text
+        task, _ = follow(client, r.json()["task_id"], {"SUCCESS", "FAILED"})
+    assert task["status"] == "SUCCESS", task

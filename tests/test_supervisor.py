@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services.common.supervisor import Supervisor
+from services.common.supervisor import KeptServer, Supervisor
 
 
 def script(code: str):
@@ -68,3 +68,41 @@ def test_stop_ends_children_that_ignore_sigterm():
     time.sleep(0.3)
     supervisor.stop(timeout=0.5)
     assert proc.returncode is not None
+
+
+class FakeServer:
+    name = "NATS"
+
+    def __init__(self) -> None:
+        self.alive = True
+
+    def running(self) -> bool:
+        return self.alive
+
+    def stop(self) -> None:
+        self.alive = False
+
+
+def test_a_dead_embedded_server_is_started_again_until_it_crash_loops():
+    said: list[str] = []
+    made: list[FakeServer] = []
+
+    def start() -> FakeServer:
+        made.append(FakeServer())
+        return made[-1]
+
+    kept = KeptServer(start, said.append, max_restarts=2, window=60)
+    kept.check(now=0.0)
+    assert len(made) == 1 and said == []  # alive: nothing to do
+    made[-1].alive = False
+    kept.check(now=1.0)
+    assert len(made) == 2 and said[-1] == "fluxpipe: NATS restarted"
+    made[-1].alive = False
+    kept.check(now=2.0)
+    made[-1].alive = False
+    with pytest.raises(RuntimeError, match="stopped 3 times within 60s; giving up"):
+        kept.check(now=3.0)
+    made[-1].alive = False
+    kept.deaths.clear()
+    kept.check(now=200.0)  # deaths long ago are forgiven
+    assert made[-1].alive

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.embedded import die_with_parent
 
@@ -115,3 +116,48 @@ class Supervisor:
                 continue
             clean = code in (0, -signal.SIGTERM)
             self.say(f"fluxpipe: {child.name} stopped" + ("" if clean else f" (exit code {code})"))
+
+
+@dataclass
+class KeptServer:
+    """An embedded server (NATS, PostgreSQL) that ``fluxpipe up`` keeps alive: when it dies it
+    is started again by ``start`` (on the same data folder and port, so every client reconnects
+    to the same address and finds its data), up to ``max_restarts`` times within ``window``
+    seconds; more than that and ``check`` raises, as for a crash-looping service."""
+
+    start: Callable[[], Any]
+    say: Callable[[str], None]
+    max_restarts: int = 3
+    window: float = 60.0
+    server: Any = None
+    deaths: deque[float] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.server = self.start()
+
+    @property
+    def name(self) -> str:
+        return str(self.server.name)
+
+    def running(self) -> bool:
+        return bool(self.server.running())
+
+    def check(self, now: float | None = None) -> None:
+        if self.server.running():
+            return
+        now = time.monotonic() if now is None else now
+        while self.deaths and self.deaths[0] < now - self.window:
+            self.deaths.popleft()
+        self.deaths.append(now)
+        if len(self.deaths) > self.max_restarts:
+            raise RuntimeError(
+                f"the embedded {self.name} server stopped {len(self.deaths)} times within "
+                f"{self.window:.0f}s; giving up"
+            )
+        self.say(f"fluxpipe: the embedded {self.name} server stopped; starting it again on its data")
+        self.server.stop()  # whatever is left of it (a PostgreSQL postmaster without its children)
+        self.server = self.start()
+        self.say(f"fluxpipe: {self.name} restarted")
+
+    def stop(self) -> None:
+        self.server.stop()
