@@ -260,9 +260,12 @@ class HistoryItemHiddenData(_Frozen):
 class HistoryEvent(FluxEvent):
     """An event of the unified history, on ``<prefix>.history.<source>.<item>.<token>``."""
 
+    data: HistoryItemRecordedData | HistoryItemHiddenData
+
     @property
     def source(self) -> str:
-        raise NotImplementedError
+        """The generator the item belongs to; every history payload names it."""
+        return self.data.source
 
     def subject(self, prefix: str) -> str:
         return f"{prefix}.history.{self.source}.{subject_token(self.task_id)}.{self.token}"
@@ -283,10 +286,6 @@ class HistoryItemRecorded(HistoryEvent):
     data: HistoryItemRecordedData
 
     @property
-    def source(self) -> str:
-        return self.data.source
-
-    @property
     def msg_id(self) -> str:
         digest = hashlib.sha256(self.data.model_dump_json().encode()).hexdigest()[:16]
         return f"{super().msg_id}.{digest}"
@@ -298,10 +297,6 @@ class HistoryItemHidden(HistoryEvent):
     token: ClassVar[str] = "hidden"
     type: Literal["history.item_hidden"] = "history.item_hidden"
     data: HistoryItemHiddenData
-
-    @property
-    def source(self) -> str:
-        return self.data.source
 
 
 # --- configuration and credits: not about one task, so on their own subjects ----------------

@@ -60,20 +60,29 @@ def _with_database(url: str, name: str) -> str:
     return f"{base}?{query}" if query else base
 
 
-@pytest.fixture(scope="session")
-async def database_url(pg_server_url: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test session, dropped at the end."""
-    name = f"fluxpipe_test_{uuid.uuid4().hex[:12]}"
+@contextlib.asynccontextmanager
+async def migrated_database(pg_server_url: str, prefix: str) -> AsyncIterator[str]:
+    """A fresh database on the server, migrated to head; dropped on exit. Yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = Settings(DATABASE_URL=pg_server_url).asyncpg_dsn
     conn = await asyncpg.connect(admin)
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
     url = _with_database(pg_server_url, name)
-    await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
-    yield url
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
+    try:
+        await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
+        yield url
+    finally:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    async with migrated_database(pg_server_url, "fluxpipe_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ keep working; the result equals what the live projector builds, row by row."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,11 +34,11 @@ from schemas.events import (
 )
 from services.common.bus import REDRIVE_OF, Bus
 from services.common.db import make_engine
-from services.common.migrate import alembic_config, upgrade
+from services.common.migrate import alembic_config
 from services.common.settings import Settings
 from services.projector.main import project
 from services.projector.replay import replay
-from tests.conftest import _with_database
+from tests.conftest import migrated_database
 from tests.test_bus import wait_for
 
 
@@ -204,17 +203,8 @@ def differences(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> l
 @pytest.fixture
 async def second_database(pg_server_url: str) -> AsyncIterator[str]:
     """Another freshly migrated database, for a projection built from scratch."""
-    name = f"fluxpipe_replay_{uuid.uuid4().hex[:10]}"
-    admin = Settings(DATABASE_URL=pg_server_url).asyncpg_dsn
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = _with_database(pg_server_url, name)
-    await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
-    yield url
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
+    async with migrated_database(pg_server_url, "fluxpipe_replay") as url:
+        yield url
 
 
 async def test_replay_swaps_in_tables_equal_to_the_live_projection_while_queries_keep_working(
