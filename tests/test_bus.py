@@ -7,7 +7,8 @@ import asyncio
 from nats.js.errors import NotFoundError
 
 from schemas.events import TaskRequested, TaskRequestedData, TaskStatusChanged, TaskStatusChangedData
-from services.common.bus import Consumer, PermanentError
+from services.common.bus import PermanentError
+from services.common.consumer import Consumer
 
 
 def requested(task_id: str = "t1") -> TaskRequested:

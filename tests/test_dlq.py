@@ -23,7 +23,8 @@ from schemas.events import (
     TaskRequested,
     TaskRequestedData,
 )
-from services.common.bus import Bus, Consumer
+from services.common.bus import Bus
+from services.common.consumer import Consumer
 from services.common.ending import storage_failed_dead_lettered
 from services.common.settings import Settings
 from services.common.storage import LocalStorage, MeteredStorage

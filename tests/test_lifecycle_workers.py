@@ -33,7 +33,7 @@ from schemas.events import (
     TaskFailed,
     TaskSubmitted,
 )
-from services.common.bus import Consumer
+from services.common.consumer import Consumer
 from services.common.fal import FalClient, FalError
 from services.common.fal_webhook import InvalidWebhook, WebhookVerifier
 from services.common.result_hosts import ForeignResultHost, ResultHosts, result_client

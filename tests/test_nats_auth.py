@@ -23,7 +23,8 @@ from schemas.events import (
     TaskSubmittedData,
     encode_event,
 )
-from services.common.bus import Bus, Consumer, NatsCredentialsRejected
+from services.common.bus import Bus, NatsCredentialsRejected
+from services.common.consumer import Consumer
 from services.common.embedded import EmbeddedNats, nats_server_binary
 from services.common.nats_auth import (
     OPERATOR,

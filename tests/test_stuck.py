@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from schemas.events import TaskFailed, TaskFailedData
-from services.common.bus import Consumer
+from services.common.consumer import Consumer
 from services.ops.stuck import stuck_tasks
 from services.projector.main import project
 from tests.test_dlq import cli

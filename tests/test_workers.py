@@ -28,7 +28,8 @@ from schemas.events import (
     TaskSubmitted,
     encode_event,
 )
-from services.common.bus import Bus, Consumer
+from services.common.bus import Bus
+from services.common.consumer import Consumer
 from services.common.fal import FalClient
 from services.common.settings import Settings
 from services.common.storage import make_storage

@@ -31,7 +31,8 @@ from nats.js.errors import NotFoundError
 from pydantic import SecretStr
 
 from schemas.events import ConfigChanged, ConfigChangedData, decode_event
-from services.common.bus import Bus, Consumer
+from services.common.bus import Bus
+from services.common.consumer import Consumer
 from services.common.fal import FalClient
 from services.common.runtime import RedactingFormatter
 from services.common.settings import Settings

@@ -23,7 +23,8 @@ from typing import Generic, TypeVar
 from nats.aio.msg import Msg
 
 from schemas.events import FluxEvent
-from services.common.bus import Bus, Consumer, PermanentError
+from services.common.bus import Bus, PermanentError
+from services.common.consumer import Consumer
 from services.common.metrics import serving_metrics
 from services.common.settings import Settings
 

@@ -28,7 +28,8 @@ from nats.js import api
 
 from schemas.events import CreditsHeld, FluxEvent, TaskCancelled, TaskCompleted, TaskFailed
 from services.common import credits
-from services.common.bus import Bus, Consumer
+from services.common.bus import Bus
+from services.common.consumer import Consumer
 from services.common.settings import Settings
 from services.common.worker import TypedHandler, Worker
 

@@ -49,7 +49,8 @@ from schemas.events import (
     utcnow,
 )
 from services.common import config
-from services.common.bus import Bus, Consumer, hold
+from services.common.bus import Bus
+from services.common.consumer import Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueStatus, describe_error_body
 from services.common.settings import Settings

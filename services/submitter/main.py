@@ -49,7 +49,8 @@ from schemas.events import (
     TaskSubmittedData,
 )
 from services.common import config
-from services.common.bus import Bus, Consumer, hold, origin_seq
+from services.common.bus import Bus, origin_seq
+from services.common.consumer import Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
 from services.common.settings import Settings

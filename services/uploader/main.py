@@ -34,7 +34,8 @@ from schemas.events import (
     StoredImage,
     TaskCompleted,
 )
-from services.common.bus import Bus, Consumer, PermanentError, hold
+from services.common.bus import Bus, PermanentError
+from services.common.consumer import Consumer, hold
 from services.common.ending import storage_failed_dead_lettered
 from services.common.images import NotAnImage, inspect_image
 from services.common.result_hosts import ForeignResultHost, result_client
