@@ -7,6 +7,9 @@ Invariants:
   to the operator once it exists.
 - Every publish carries ``Nats-Msg-Id`` = the event's deterministic ``msg_id``; a publish
   retried after a crash inside the duplicate window is dropped by the server.
+- A task's state is read back in one round trip (``latest``: a batched direct get of the last
+  event of each kind), and waits on a task's events share one subscription per event kind per
+  process (``watching``), never a subscription per task: per-task reads are the hot path.
 - A re-driven dead letter (``fluxpipe dlq redrive``) is the original event republished on its
   own subject with a ``Fluxpipe-Redrive-Of`` header: its consumer handles it like any
   redelivery (handlers are idempotent; ``origin_seq`` gives the original position), and
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +40,7 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 10 * 60
+DIRECT_GET_TIMEOUT = 10.0  # as long as any other JetStream API call (``nc.jetstream(timeout=10)``)
 
 
 class NatsCredentialsRejected(RuntimeError):
@@ -45,6 +51,28 @@ class PermanentError(Exception):
     """A message that will never succeed: dead-letter it now instead of retrying."""
 
 
+@dataclass(frozen=True)
+class TaskLatest:
+    """The latest event of each kind a task has: token → (stream sequence, raw data)."""
+
+    raw: dict[str, tuple[int, bytes]]
+
+    def has_any(self, tokens: Iterable[str]) -> bool:
+        return any(t in self.raw for t in tokens)
+
+    def event(self, token: str) -> FluxEvent | None:
+        found = self.raw.get(token)
+        return decode_event(found[1]) if found else None
+
+
+@dataclass
+class _Batch:
+    """The replies to one batched direct get, until the server's end-of-batch."""
+
+    msgs: list[Msg]
+    done: asyncio.Future[list[Msg]]
+
+
 @dataclass
 class Bus:
     """A connection to NATS plus the names this deployment uses."""
@@ -53,6 +81,14 @@ class Bus:
     js: JetStreamContext
     stream: str
     prefix: str
+    _reply_prefix: str | None = field(default=None, init=False, repr=False)
+    _batches: dict[str, _Batch] = field(default_factory=dict, init=False, repr=False)
+    _batch_ids: itertools.count[int] = field(default_factory=itertools.count, init=False, repr=False)
+    _watched: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _watchers: dict[str, list[tuple[frozenset[str], asyncio.Event]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     @classmethod
     async def connect(
@@ -212,31 +248,95 @@ class Bus:
 
     async def has_any(self, task_id: str, tokens: tuple[str, ...]) -> bool:
         """Whether the stream holds any event of these kinds for the task."""
-        for token in tokens:
-            if await self.last_event(task_id, token) is not None:
-                return True
-        return False
+        return (await self.latest(task_id)).has_any(tokens)
+
+    async def latest(self, task_id: str) -> TaskLatest:
+        """The last event of every kind the task has, in one round trip: a batched direct get
+        with ``multi_last`` over the task's subjects (the same messages ``last_event`` reads)."""
+        msgs = await self._direct_batch({"multi_last": [self.task_subject(task_id, "*")]})
+        raw: dict[str, tuple[int, bytes]] = {}
+        for msg in msgs:
+            headers = msg.headers or {}
+            raw[headers["Nats-Subject"].rsplit(".", 1)[-1]] = (int(headers["Nats-Sequence"]), msg.data)
+        return TaskLatest(raw)
+
+    async def _direct_batch(self, request: dict[str, Any]) -> list[Msg]:
+        """Send a batched direct get; its replies, up to the server's end-of-batch (none for
+        "no results"). Replies come on one shared inbox subscription per connection."""
+        if self._reply_prefix is None:
+            async with self._lock:
+                if self._reply_prefix is None:
+                    prefix = self.nc.new_inbox()
+                    await self.nc.subscribe(f"{prefix}.*", cb=self._on_batch_reply)
+                    self._reply_prefix = prefix
+        batch_id = str(next(self._batch_ids))
+        batch = _Batch([], asyncio.get_running_loop().create_future())
+        self._batches[batch_id] = batch
+        try:
+            await self.nc.publish(
+                f"$JS.API.DIRECT.GET.{self.stream}",
+                json.dumps(request).encode(),
+                reply=f"{self._reply_prefix}.{batch_id}",
+            )
+            async with asyncio.timeout(DIRECT_GET_TIMEOUT):
+                return await batch.done
+        finally:
+            del self._batches[batch_id]
+
+    async def _on_batch_reply(self, msg: Msg) -> None:
+        batch = self._batches.get(msg.subject.rsplit(".", 1)[-1])
+        if batch is None or batch.done.done():
+            return  # a late reply to a batch that timed out
+        status = (msg.headers or {}).get("Status")
+        if status is None:
+            batch.msgs.append(msg)
+        elif status in ("204", "404"):  # end of batch; no results
+            batch.done.set_result(batch.msgs)
+        else:
+            description = (msg.headers or {}).get("Description", "")
+            batch.done.set_exception(nats.errors.Error(f"direct get failed: {status} {description}"))
+
+    @contextlib.asynccontextmanager
+    async def watching(self, task_id: str, tokens: tuple[str, ...]) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the task gets an event of one of these kinds, from the moment
+        this is entered (the server knows the subscription before it returns). One
+        subscription per kind serves every task this process waits on."""
+        async with self._lock:
+            new = [t for t in tokens if t not in self._watched]
+            for token in new:
+                self._watched[token] = await self.nc.subscribe(
+                    self.task_subject("*", token), cb=self._on_watched
+                )
+            if new:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await self.nc.flush(timeout=5)
+        arrived = asyncio.Event()
+        entry = (frozenset(tokens), arrived)
+        self._watchers.setdefault(task_id, []).append(entry)
+        try:
+            yield arrived
+        finally:
+            waiting = self._watchers[task_id]
+            waiting.remove(entry)
+            if not waiting:
+                del self._watchers[task_id]
+
+    async def _on_watched(self, msg: Msg) -> None:
+        _, _, task_id, token = msg.subject.rsplit(".", 3)
+        for tokens, arrived in self._watchers.get(task_id, ()):
+            if token in tokens:
+                arrived.set()
 
     async def wait_for_any(
         self, task_id: str, tokens: tuple[str, ...], *, until: datetime | None = None, recheck: float = 30.0
     ) -> bool:
         """Wait until the task has an event of one of these kinds (True) or ``until`` passes (False).
 
-        Woken by a live subscription to the task's subjects; the stream is re-read every
-        ``recheck`` seconds too, in case a reconnect lost the live message.
+        Woken by a live subscription (``watching``, entered before the stream is read, so an
+        event published between the two is not missed); the stream is re-read every ``recheck``
+        seconds too, in case a reconnect lost the live message.
         """
-        arrived = asyncio.Event()
-
-        async def on_event(msg: Msg) -> None:
-            if msg.subject.rsplit(".", 1)[-1] in tokens:
-                arrived.set()
-
-        sub = await self.nc.subscribe(self.task_subject(task_id, "*"), cb=on_event)
-        try:
-            # The server must know the subscription before the stream is read, or an event
-            # published between the two is neither read nor delivered (until ``recheck``).
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self.nc.flush(timeout=5)
+        async with self.watching(task_id, tokens) as arrived:
             while not await self._has_any_or_unknown(task_id, tokens):
                 wait = recheck
                 if until is not None:
@@ -248,9 +348,6 @@ class Bus:
                     await asyncio.wait_for(arrived.wait(), wait)
                 arrived.clear()
             return True
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def _has_any_or_unknown(self, task_id: str, tokens: tuple[str, ...]) -> bool:
         """``has_any``, but a NATS hiccup reads as "not yet": a long wait must not fail over it

@@ -29,9 +29,10 @@ async def fail_dead_lettered(
     Does nothing if the task has ended already. The user sees that the pipeline failed, not
     the internal reason, which operators find with the dead letter.
     """
-    if await bus.has_any(event.task_id, TERMINAL_TOKENS):
+    latest = await bus.latest(event.task_id)
+    if latest.has_any(TERMINAL_TOKENS):
         return
-    submitted = await bus.last_event(event.task_id, "submitted")
+    submitted = latest.event("submitted")
     if isinstance(submitted, TaskSubmitted):
         with contextlib.suppress(FalError):
             await fal.cancel(submitted.data.cancel_url)

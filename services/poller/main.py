@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -49,7 +48,7 @@ from schemas.events import (
     utcnow,
 )
 from services.common import config
-from services.common.bus import Bus
+from services.common.bus import Bus, TaskLatest
 from services.common.consumer import Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueStatus, describe_error_body
@@ -70,23 +69,6 @@ def consumer(settings: Settings, fal: FalClient) -> Consumer:
         concurrency=500,
         on_dead_letter=partial(fail_dead_lettered, fal=fal, stage="poll"),
     )
-
-
-@contextlib.asynccontextmanager
-async def woken_by(bus: Bus, task_id: str, tokens: tuple[str, ...]) -> AsyncIterator[asyncio.Event]:
-    """An event set whenever one of the task's events of these kinds is published."""
-    arrived = asyncio.Event()
-
-    async def on_event(msg: Msg) -> None:
-        if msg.subject.rsplit(".", 1)[-1] in tokens:
-            arrived.set()
-
-    sub = await bus.nc.subscribe(bus.task_subject(task_id, "*"), cb=on_event)
-    try:
-        yield arrived
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
 
 
 def completion(
@@ -119,8 +101,6 @@ def completion(
 async def on_submitted(
     event: TaskSubmitted, msg: Msg, *, bus: Bus, fal: FalClient, settings: Settings
 ) -> None:
-    if await bus.has_any(event.task_id, TERMINAL_TOKENS):
-        return
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
     request_id = event.data.request_id
 
@@ -165,9 +145,9 @@ async def on_submitted(
             return
         await complete(completion(result, request_id, inference_time))
 
-    async def settled_by_webhook() -> bool:
+    async def settled_by_webhook(known: TaskLatest | None = None) -> bool:
         """Finish from a stored webhook for this request, if there is one; True if finished."""
-        hook = await bus.last_event(event.task_id, "webhook")
+        hook = (known or await bus.latest(event.task_id)).event("webhook")
         if not isinstance(hook, WebhookReceived):
             return False
         if hook.data.request_id != request_id:
@@ -186,21 +166,18 @@ async def on_submitted(
             await complete(completion(hook.data.payload, request_id, None))
         return True
 
-    last = await bus.last_event(event.task_id, "status")
-    seq = last.data.seq if isinstance(last, TaskStatusChanged) else 0
-    seen = (
-        (last.data.status, last.data.queue_position)
-        if isinstance(last, TaskStatusChanged)
-        else ("IN_QUEUE", event.data.queue_position)
-    )
-    deadline = event.occurred_at + timedelta(seconds=settings.task_timeout_seconds)
-    base = settings.poll_interval_max if settings.webhook_url_base else settings.poll_interval_min
-    interval = base
-
-    async with (
-        hold(msg, every=settings.failover_seconds / 3),
-        woken_by(bus, event.task_id, WAKE_TOKENS) as woken,
-    ):
+    async def follow(latest: TaskLatest, woken: asyncio.Event) -> None:
+        """Poll fal until the request ends, or until the task is ended some other way."""
+        last = latest.event("status")
+        seq = last.data.seq if isinstance(last, TaskStatusChanged) else 0
+        seen = (
+            (last.data.status, last.data.queue_position)
+            if isinstance(last, TaskStatusChanged)
+            else ("IN_QUEUE", event.data.queue_position)
+        )
+        deadline = event.occurred_at + timedelta(seconds=settings.task_timeout_seconds)
+        base = settings.poll_interval_max if settings.webhook_url_base else settings.poll_interval_min
+        interval = base
 
         async def pause(seconds: float) -> bool:
             """Wait ``seconds`` (never past the deadline) unless woken; True if the task was
@@ -211,10 +188,9 @@ async def on_submitted(
             if not woken.is_set():
                 return False
             woken.clear()
-            return await bus.has_any(event.task_id, TERMINAL_TOKENS) or await settled_by_webhook()
+            now = await bus.latest(event.task_id)
+            return now.has_any(TERMINAL_TOKENS) or await settled_by_webhook(now)
 
-        if await settled_by_webhook():
-            return
         while True:
             try:
                 status: QueueStatus = await fal.status(event.data.status_url)
@@ -260,6 +236,16 @@ async def on_submitted(
                 interval = min(interval * 1.5, settings.poll_interval_max)
             if await pause(interval):
                 return
+
+    async with (
+        hold(msg, every=settings.failover_seconds / 3),
+        bus.watching(event.task_id, WAKE_TOKENS) as woken,
+    ):
+        # Read once the watch is live: an event stored before it woke no one.
+        latest = await bus.latest(event.task_id)
+        if latest.has_any(TERMINAL_TOKENS) or await settled_by_webhook(latest):
+            return
+        await follow(latest, woken)
 
 
 async def _setup(

@@ -49,7 +49,7 @@ from schemas.events import (
     TaskSubmittedData,
 )
 from services.common import config
-from services.common.bus import Bus, origin_seq
+from services.common.bus import Bus, TaskLatest, origin_seq
 from services.common.consumer import Consumer, hold
 from services.common.ending import fail_dead_lettered
 from services.common.fal import FalClient, FalError, QueueHandle
@@ -74,11 +74,14 @@ def webhook_url(settings: Settings, task_id: str) -> str | None:
     return f"{base}/api/flux/webhooks/fal/{task_id}" if base else None
 
 
-async def cancel_at_fal_if_cancelled(bus: Bus, fal: FalClient, task_id: str) -> None:
+async def cancel_at_fal_if_cancelled(
+    bus: Bus, fal: FalClient, task_id: str, latest: TaskLatest | None = None
+) -> None:
     """If the task ended by a cancel and it got to fal, cancel it there (idempotent at fal)."""
-    if not isinstance(await bus.last_event(task_id, "cancelled"), TaskCancelled):
+    latest = latest or await bus.latest(task_id)
+    if not isinstance(latest.event("cancelled"), TaskCancelled):
         return
-    submitted = await bus.last_event(task_id, "submitted")
+    submitted = latest.event("submitted")
     if not isinstance(submitted, TaskSubmitted):
         return
     try:
@@ -121,10 +124,11 @@ async def on_requested(
     if await bus.first_seq(event.task_id, "requested") != origin_seq(msg):
         log.warning("task %s: ignoring a repeated TaskRequested (not the task's first)", event.task_id)
         return
-    if await bus.has_any(event.task_id, TERMINAL_TOKENS):
-        await cancel_at_fal_if_cancelled(bus, fal, event.task_id)
+    latest = await bus.latest(event.task_id)
+    if latest.has_any(TERMINAL_TOKENS):
+        await cancel_at_fal_if_cancelled(bus, fal, event.task_id, latest)
         return
-    submitted = await bus.last_event(event.task_id, "submitted")
+    submitted = latest.event("submitted")
     if submitted is None:
         async with hold(msg, every=settings.failover_seconds / 3, interruptible=False):
             submitted = await submit(event, msg, bus, fal, max_deliver, settings=settings, storage=storage)

@@ -17,6 +17,7 @@ fixed makes the copy. The task stays SUCCESS either way: fal's URL remains.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -101,10 +102,11 @@ async def on_completed(
     settings: Settings,
     max_deliver: int,
 ) -> None:
-    if await bus.last_event(event.task_id, "stored") is not None:
+    latest = await bus.latest(event.task_id)
+    if latest.has_any(("stored",)):
         return
     envelope = {"task_id": event.task_id, "user_id": event.user_id, "causation_id": event.event_id}
-    requested = await bus.last_event(event.task_id, "requested")
+    requested = latest.event("requested")
     model = getattr(getattr(requested, "data", None), "model", "unknown")
     prompt = getattr(getattr(requested, "data", None), "prompt", None) or ""
     task_type = getattr(getattr(requested, "data", None), "task_type", None) or "text_to_image"
@@ -113,7 +115,7 @@ async def on_completed(
         async with hold(msg, every=ACK_WAIT / 3, interruptible=False):
             for index, image in enumerate(event.data.images):
                 data = await download(http, image.url, settings.max_image_bytes)
-                info = inspect_image(data)
+                info = await asyncio.to_thread(inspect_image, data)
                 key = user_key(event.user_id, result_key(model, event.task_id, index, info.extension))
                 await storage.put(
                     key,
