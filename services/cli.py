@@ -149,11 +149,13 @@ def run(
 
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
         return
+    import uvloop  # libuv's event loop: less CPU per socket operation than asyncio's own
+
     from services.common.bus import NatsCredentialsRejected
 
     module = __import__(f"services.{service.value}.main", fromlist=["main"])
     try:
-        asyncio.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+        uvloop.run(run_until_signalled(lambda stop: module.main(settings, stop)))
     except NatsCredentialsRejected as exc:
         _fail(str(exc))
 

@@ -41,6 +41,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from services.common.http import transport as http_transport
 from services.common.metrics import fal_error, fal_request
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class FalClient:
         )
         self._backoff_max = backoff_max
         self._http = httpx.AsyncClient(
-            transport=transport,
+            transport=transport or http_transport(),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             headers={
                 "Authorization": f"Key {api_key}",

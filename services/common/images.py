@@ -25,16 +25,24 @@ class ImageInfo:
 
 
 def inspect_image(data: bytes) -> ImageInfo:
-    """Identify and fully decode ``data``; raise ``NotAnImage`` with the reason otherwise."""
+    """Identify and fully decode ``data``; raise ``NotAnImage`` with the reason otherwise.
+
+    A JPEG is decoded in draft mode (its blocks at 1/8 scale): every byte of its entropy-coded
+    data is still read, so a truncated or corrupt file fails as before, at a third of the CPU
+    (docs/BENCHMARKS.md). CPU-bound: call it off the event loop (``asyncio.to_thread``).
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in FORMATS:
                 raise NotAnImage(f"unsupported image format {img.format}")
             if img.width * img.height > MAX_PIXELS:
                 raise NotAnImage(f"image too large: {img.width}x{img.height} pixels")
+            size = img.size
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
             img.load()
             content_type, extension = FORMATS[img.format]
-            return ImageInfo(img.format, content_type, extension, img.width, img.height)
+            return ImageInfo(img.format, content_type, extension, *size)
     except NotAnImage:
         raise
     except Exception as exc:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from services.common.http import transport as http_transport
 from services.common.settings import Settings
 
 
@@ -60,4 +61,5 @@ class ResultHosts:
 def result_client(settings: Settings, **kwargs: object) -> httpx.AsyncClient:
     """An HTTP client that only ever talks to fal's result hosts, redirects included."""
     hosts = ResultHosts.from_settings(settings)
+    kwargs.setdefault("transport", http_transport())
     return httpx.AsyncClient(event_hooks={"request": [hosts.check]}, **kwargs)  # type: ignore[arg-type]
