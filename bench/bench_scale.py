@@ -148,7 +148,9 @@ async def submit_all(
     ids: list[str] = []
     latencies: list[float] = []
     counter = iter(range(n))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # uvicorn closes a connection idle for 5 s: never reuse one idle for 2 (a request sent on a
+    # connection the server is closing fails with ReadError)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=s.gateway, limits=limits, timeout=60) as http:
 
         async def client() -> None:
