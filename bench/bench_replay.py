@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
 import tempfile
 import time
 import uuid
@@ -83,7 +85,7 @@ async def plain_copy(dsn: str) -> tuple[int, float]:
         await conn.close()
 
 
-async def run(nats_url: str, db_url: str, events: int) -> None:
+async def run(nats_url: str, db_url: str, events: int, profile: bool) -> None:
     settings = Settings(
         NATS_URL=nats_url,
         DATABASE_URL=db_url,
@@ -94,8 +96,14 @@ async def run(nats_url: str, db_url: str, events: int) -> None:
     try:
         took = await publish(bus, events)
         print(f"published {events:,} events in {took:.1f}s ({events / took:,.0f}/s)")
+        profiler = cProfile.Profile() if profile else None
         cpu = time.process_time()
+        if profiler is not None:
+            profiler.enable()
         result = await replay(settings, bus)
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         cpu = time.process_time() - cpu
         rows = sum(result.rows.values())
         print(
@@ -118,7 +126,7 @@ async def run(nats_url: str, db_url: str, events: int) -> None:
         await bus.close()
 
 
-async def main(events: int) -> None:
+async def main(events: int, profile: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = []
@@ -141,7 +149,7 @@ async def main(events: int) -> None:
             url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
             try:
                 await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
-                await run(nats_url, url, events)
+                await run(nats_url, url, events, profile)
             finally:
                 admin = await asyncpg.connect(Settings(DATABASE_URL=db_url).asyncpg_dsn)
                 await admin.execute(f'drop database if exists "{name}" with (force)')
@@ -154,5 +162,6 @@ async def main(events: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--profile", action="store_true", help="cProfile the replay (its own CPU)")
     args = parser.parse_args()
-    asyncio.run(main(args.events))
+    asyncio.run(main(args.events, args.profile))
