@@ -36,6 +36,7 @@ from services.common.bus import REDRIVE_OF, Bus
 from services.common.db import make_engine
 from services.common.migrate import alembic_config
 from services.common.settings import Settings
+from services.projector import logreader
 from services.projector.main import project
 from services.projector.replay import replay
 from tests.conftest import migrated_database
@@ -103,6 +104,10 @@ def task_story(
         size=1000,
     )
     return events + [ImagesStored(**ids, data=ImagesStoredData(images=(stored,)))]
+
+
+async def _none() -> None:
+    return None
 
 
 async def publish_again(bus: Bus, event: FluxEvent, tag: str) -> None:
@@ -277,11 +282,13 @@ async def test_replay_swaps_in_tables_equal_to_the_live_projection_while_queries
     assert before["tasks"] == [t for t in after["tasks"] if not t["id"].startswith("c")]
 
 
-async def test_a_second_replay_in_a_row_changes_nothing(bus, engine, settings):
+async def test_a_second_replay_in_a_row_changes_nothing(bus, engine, settings, monkeypatch):
     await publish_mixed_run(bus, "d", n=6)
-    first = await replay(settings, bus)
+    with monkeypatch.context() as tls_only:  # the first reads through nats-py, as on a TLS server
+        tls_only.setattr(logreader.LogReader, "open", classmethod(lambda cls, bus, settings: _none()))
+        first = await replay(settings, bus)
     once = await snapshot(settings.asyncpg_dsn)
-    second = await replay(settings, bus)
+    second = await replay(settings, bus)  # the raw reader: the same rows
     assert first.through_seq == second.through_seq
     assert await snapshot(settings.asyncpg_dsn) == once
     assert await applied(engine) == first.through_seq
@@ -305,3 +312,30 @@ async def test_replay_refuses_to_drop_rows_no_registered_read_model_rebuilds(bus
         assert await conn.fetchval("select count(*) from image_history where source = 'midjourney'") == 0
     finally:
         await conn.close()
+
+
+async def test_the_raw_reader_delivers_each_range_in_order_across_many_pulls(bus, settings, monkeypatch):
+    monkeypatch.setattr(logreader, "BATCH", 7)  # many pull requests, several in flight
+    await publish_mixed_run(bus, "r", n=3)
+    last = (await bus.js.stream_info(bus.stream)).state.last_seq
+    reader = await logreader.LogReader.open(bus, settings)
+    assert reader is not None
+    try:
+
+        async def seqs(after: int, until: int) -> list[tuple[int, bool]]:
+            return [
+                (seq, REDRIVE_OF.encode() in logreader.header_names(headers))
+                async for chunk in reader.read(after, until)
+                for seq, _subject, headers, _data in chunk
+            ]
+
+        everything = await seqs(0, last)
+        assert [seq for seq, _ in everything] == list(range(1, last + 1))
+        assert [seq for seq, copy in everything if copy] == [last - 2]  # publish_mixed_run's re-drive
+        # Ranges on the same connection: what an earlier read left in flight is never delivered.
+        assert await seqs(0, 5) == everything[:5]
+        assert await seqs(5, 9) == everything[5:9]
+        assert await seqs(9, last) == everything[9:]
+        assert await seqs(last, last) == []
+    finally:
+        await reader.close()

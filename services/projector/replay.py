@@ -2,8 +2,9 @@
 
 How it goes, and why queries keep working throughout:
 
-1. Read every event from stream sequence 1 to the stream's last sequence ``S`` (an ordered
-   consumer, the same subjects the live projector follows, dead letters skipped) and fold
+1. Read every event from stream sequence 1 to the stream's last sequence ``S`` (the raw
+   protocol reader of ``logreader.py``, or nats-py's ordered consumer on a TLS server; the
+   same subjects the live projector follows, dead letters and re-driven copies skipped) and fold
    them in memory with the read models' registered folds (``readmodels.py``).
 2. Bulk-load the rows with COPY into shadow tables ``<table>_rebuild`` (created ``LIKE`` the
    live table, without indexes), then build the live table's indexes and constraints on
@@ -42,9 +43,10 @@ from nats.js import api
 from sqlalchemy.sql import sqltypes
 
 from schemas.events import UnknownEvent, decode_event
-from services.common.bus import Bus, is_redrive
+from services.common.bus import REDRIVE_OF, Bus, is_redrive
 from services.common.db import Base
 from services.common.settings import Settings
+from services.projector.logreader import LogReader, header_names
 from services.projector.readmodels import READ_MODELS, ReadModel, Rebuild, Row
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ LOCK_KEY = 0x666C7578  # "flux": one replay at a time
 COPY_CHUNK = 50_000
 CATCH_UP_ROUNDS = 3
 STALL = 10.0  # seconds without a message before the replay gives up
+REDRIVE = REDRIVE_OF.encode()
 
 Say = Callable[[str], None]
 
@@ -103,14 +106,47 @@ class Folding:
 
 
 async def read_stream(
-    bus: Bus, folding: Folding, until_seq: int, say: Say | None = None, every: float = 1.0
+    bus: Bus,
+    folding: Folding,
+    until_seq: int,
+    say: Say | None = None,
+    every: float = 1.0,
+    reader: LogReader | None = None,
 ) -> None:
-    """Fold every event after ``folding.through`` up to ``until_seq`` (inclusive).
-
-    Messages are folded in the subscription's callback (twice the throughput of awaiting
-    each one); a stream that delivers nothing for ``STALL`` seconds fails the replay."""
+    """Fold every event after ``folding.through`` up to ``until_seq`` (inclusive): through
+    ``reader`` (the raw protocol, see ``logreader.py``) when there is one, else through a
+    nats-py ordered consumer. Dead letters and re-driven copies are passed over, never folded."""
     if until_seq <= folding.through:
         return
+    if reader is None:
+        await _read_ordered(bus, folding, until_seq, say, every)
+        return
+    dlq = f"{bus.prefix}.dlq.".encode()
+    first, start = folding.through, time.monotonic()
+    next_say = start + every
+    async for chunk in reader.read(folding.through, until_seq, stall=STALL):
+        for seq, subject, headers, data in chunk:
+            if subject.startswith(dlq) or (REDRIVE in headers and REDRIVE in header_names(headers)):
+                folding.through = seq
+            else:
+                folding.fold(seq, data)
+        if say is not None and (now := time.monotonic()) >= next_say:
+            next_say = now + every
+            say(_progress(folding, first, until_seq, now - start))
+    # The reader stops early only when nothing exists between its last delivery and until_seq.
+    folding.through = max(folding.through, until_seq)
+
+
+def _progress(folding: Folding, first: int, until_seq: int, seconds: float) -> str:
+    return (
+        f"read {folding.through:,}/{until_seq:,} "
+        f"({(folding.through - first) / seconds:,.0f} messages/s, {folding.events:,} events folded)"
+    )
+
+
+async def _read_ordered(bus: Bus, folding: Folding, until_seq: int, say: Say | None, every: float) -> None:
+    """``read_stream`` through nats-py (a TLS server): messages are folded in the
+    subscription's callback; a stream that delivers nothing for ``STALL`` seconds fails."""
     finished = asyncio.Event()
     failure: list[BaseException] = []
     prefix_dlq = f"{bus.prefix}.dlq."
@@ -156,11 +192,7 @@ async def read_stream(
             elif now - stalled_since > STALL:
                 raise RuntimeError(f"the stream stopped delivering at seq {folding.through} of {until_seq}")
             if say is not None and not finished.is_set():
-                say(
-                    f"read {folding.through:,}/{until_seq:,} "
-                    f"({(folding.through - first) / (now - start):,.0f} messages/s, "
-                    f"{folding.events:,} events folded)"
-                )
+                say(_progress(folding, first, until_seq, now - start))
         if failure:
             raise failure[0]
     finally:
@@ -351,12 +383,14 @@ async def replay(
     started = time.monotonic()
     folding = Folding(models)
     conn = await asyncpg.connect(settings.asyncpg_dsn)
+    reader: LogReader | None = None
     try:
         if not await conn.fetchval("select pg_try_advisory_lock($1)", LOCK_KEY):
             raise RuntimeError("another replay is running on this database")
         target = await _last_seq(bus)
         tell(f"replaying {', '.join(result.models)} from stream {bus.stream} seq 1 to {target:,}")
-        await read_stream(bus, folding, target, say)
+        reader = await LogReader.open(bus, settings)
+        await read_stream(bus, folding, target, say, reader=reader)
         result.read_seconds = time.monotonic() - started
         tell(f"read {folding.through:,} messages in {result.read_seconds:.1f}s; loading shadow tables")
         loading = time.monotonic()
@@ -373,7 +407,7 @@ async def replay(
             latest = await _last_seq(bus)
             if latest <= folding.through:
                 break
-            await read_stream(bus, folding, latest)
+            await read_stream(bus, folding, latest, reader=reader)
             await _catch_up(conn, folding)
         result.load_seconds = time.monotonic() - loading
         swapping = time.monotonic()
@@ -389,7 +423,7 @@ async def replay(
                 checkpoints,
             )
             if applied > folding.through:
-                await read_stream(bus, folding, applied)
+                await read_stream(bus, folding, applied, reader=reader)
             await _catch_up(conn, folding)
             keys = {table: k for table, k, _ in folding.tables()}
             for table in tables:
@@ -410,6 +444,8 @@ async def replay(
             )
         result.swap_seconds = time.monotonic() - swapping
     finally:
+        if reader is not None:
+            await reader.close()
         await conn.close()
     result.events, result.skipped, result.through_seq = folding.events, folding.skipped, folding.through
     result.seconds = time.monotonic() - started
