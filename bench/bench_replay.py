@@ -95,7 +95,7 @@ async def plain_copy(dsn: str) -> tuple[int, float]:
         await conn.close()
 
 
-async def run(nats_url: str, db_url: str, events: int, profile: bool, workers: int | None) -> None:
+async def run(nats_url: str, db_url: str, events: int, profile: bool, workers: list[int | None]) -> None:
     settings = Settings(
         NATS_URL=nats_url,
         DATABASE_URL=db_url,
@@ -106,43 +106,48 @@ async def run(nats_url: str, db_url: str, events: int, profile: bool, workers: i
     try:
         took = await publish(bus, events)
         print(f"published {events:,} events in {took:.1f}s ({events / took:,.0f}/s)")
-        profiler = cProfile.Profile() if profile else None
-        load = os.getloadavg()[0]
-        cpu = _cpu()
-        if profiler is not None:
-            profiler.enable()
-        result = await replay(settings, bus, workers=workers)
-        if profiler is not None:
-            profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-        cpu = _cpu() - cpu
-        rows = sum(result.rows.values())
-        print(
-            f"replay of {result.events:,} events into {rows:,} rows "
-            f"({cpu:.1f}s of CPU in the replay and its workers: {result.events / cpu:,.0f} events per "
-            f"CPU-second; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after)"
-        )
-        copied, seconds = await plain_copy(settings.asyncpg_dsn)
-        read_rate = result.events / result.read_seconds
-        table = [
-            ("whole replay (ours)", f"{result.events_per_second:,.0f} events/s", f"{result.seconds:.1f}s"),
-            (
-                f"  read + fold ({result.workers} processes)",
-                f"{read_rate:,.0f} events/s",
-                f"{result.read_seconds:.1f}s",
-            ),
-            ("  COPY + indexes + catch-up", "", f"{result.load_seconds:.1f}s"),
-            ("  swap", "", f"{result.swap_seconds * 1000:.0f}ms"),
-            ("plain COPY of the same rows (baseline)", f"{copied / seconds:,.0f} rows/s", f"{seconds:.1f}s"),
-        ]
-        for name, rate, took in table:
-            print(f"  {name:<40}{rate:>18}{took:>10}")
+        for n in workers:  # each replays the same stream (the later ones replace equal tables)
+            await replay_once(settings, bus, profile, n)
     finally:
         await bus.js.delete_stream(settings.stream_name)
         await bus.close()
 
 
-async def main(events: int, profile: bool = False, workers: int | None = None) -> None:
+async def replay_once(settings: Settings, bus: Bus, profile: bool, workers: int | None) -> None:
+    profiler = cProfile.Profile() if profile else None
+    load = os.getloadavg()[0]
+    cpu = _cpu()
+    if profiler is not None:
+        profiler.enable()
+    result = await replay(settings, bus, workers=workers)
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    cpu = _cpu() - cpu
+    rows = sum(result.rows.values())
+    print(
+        f"replay of {result.events:,} events into {rows:,} rows "
+        f"({cpu:.1f}s of CPU in the replay and its workers: {result.events / cpu:,.0f} events per "
+        f"CPU-second; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after)"
+    )
+    copied, seconds = await plain_copy(settings.asyncpg_dsn)
+    read_rate = result.events / result.read_seconds
+    table = [
+        ("whole replay (ours)", f"{result.events_per_second:,.0f} events/s", f"{result.seconds:.1f}s"),
+        (
+            f"  read + fold ({result.workers} processes)",
+            f"{read_rate:,.0f} events/s",
+            f"{result.read_seconds:.1f}s",
+        ),
+        ("  COPY + indexes + catch-up", "", f"{result.load_seconds:.1f}s"),
+        ("  swap", "", f"{result.swap_seconds * 1000:.0f}ms"),
+        ("plain COPY of the same rows (baseline)", f"{copied / seconds:,.0f} rows/s", f"{seconds:.1f}s"),
+    ]
+    for name, rate, took in table:
+        print(f"  {name:<40}{rate:>18}{took:>10}")
+
+
+async def main(events: int, profile: bool = False, workers: list[int | None] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = []
@@ -165,7 +170,7 @@ async def main(events: int, profile: bool = False, workers: int | None = None) -
             url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
             try:
                 await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
-                await run(nats_url, url, events, profile, workers)
+                await run(nats_url, url, events, profile, workers or [None])
             finally:
                 admin = await asyncpg.connect(Settings(DATABASE_URL=db_url).asyncpg_dsn)
                 await admin.execute(f'drop database if exists "{name}" with (force)')
@@ -179,6 +184,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--profile", action="store_true", help="cProfile the replay (its own CPU)")
-    parser.add_argument("--workers", type=int, help="processes folding the log (default: replay's choice)")
+    parser.add_argument(
+        "--workers",
+        help="processes folding the log, e.g. 2 or 2,1 (one replay each, same stream); default: replay's",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.profile, args.workers))
+    workers = [int(n) for n in args.workers.split(",")] if args.workers else None
+    asyncio.run(main(args.events, args.profile, workers))
