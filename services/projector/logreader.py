@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from nats.js import api
@@ -122,7 +122,7 @@ class LogReader:
 
     async def read(
         self, after_seq: int, until_seq: int, *, stall: float = 10.0
-    ) -> AsyncIterator[list[Delivery]]:
+    ) -> AsyncGenerator[list[Delivery], None]:
         """Every message of the bus's events subjects with ``after_seq < seq <= until_seq``, in
         stream order, in chunks (one per socket read). Each call has its own consumer and
         subscription id; frames still in flight for an earlier call are skipped."""

@@ -137,19 +137,20 @@ async def read_stream(
     first, start = folding.through, time.monotonic()
     next_say = start + every
     owns = folding.owns
-    async for chunk in reader.read(folding.through, until_seq, stall=STALL):
-        for seq, subject, headers, data in chunk:
-            if (
-                subject.startswith(dlq)
-                or (REDRIVE in headers and REDRIVE in header_names(headers))
-                or (owns is not None and not owns(subject))
-            ):
-                folding.through = seq
-            else:
-                folding.fold(seq, data)
-        if say is not None and (now := time.monotonic()) >= next_say:
-            next_say = now + every
-            say(_progress(folding, first, until_seq, now - start))
+    async with contextlib.aclosing(reader.read(folding.through, until_seq, stall=STALL)) as chunks:
+        async for chunk in chunks:  # a failed fold still closes the read (its consumer)
+            for seq, subject, headers, data in chunk:
+                if (
+                    subject.startswith(dlq)
+                    or (REDRIVE in headers and REDRIVE in header_names(headers))
+                    or (owns is not None and not owns(subject))
+                ):
+                    folding.through = seq
+                else:
+                    folding.fold(seq, data)
+            if say is not None and (now := time.monotonic()) >= next_say:
+                next_say = now + every
+                say(_progress(folding, first, until_seq, now - start))
     # The reader stops early only when nothing exists between its last delivery and until_seq.
     folding.through = max(folding.through, until_seq)
 
