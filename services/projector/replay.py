@@ -6,8 +6,9 @@ How it goes, and why queries keep working throughout:
    protocol reader of ``logreader.py``, or nats-py's ordered consumer on a TLS server; the
    same subjects the live projector follows, dead letters and re-driven copies skipped) and fold
    them in memory with the read models' registered folds (``readmodels.py``).
-   A large log is folded in parallel processes, each taking the tasks of one partition of
-   the subjects (``read_partitioned``; read models declare they allow it with ``by_task``).
+   A large log is folded in parallel processes when CPUs are idle, each taking the tasks
+   of one partition of the subjects (``read_partitioned``; read models declare they allow
+   it with ``by_task``).
 2. Bulk-load the rows with COPY into shadow tables ``<table>_rebuild`` (created ``LIKE`` the
    live table, without indexes; each table over its own connection, concurrently), then
    build the live table's indexes and constraints on them (faster after the load than
@@ -298,6 +299,14 @@ async def read_partitioned(
                 folding.skipped += skipped
 
 
+def _idle_cpus() -> int:
+    """1 plus the CPUs the load average leaves idle, at most ``MAX_WORKERS``. More processes
+    than idle CPUs only add the cost of sharing out (every process reads the whole log,
+    the rebuilds are pickled back): measured on a busy machine, 60 % more CPU and no gain."""
+    idle = (os.cpu_count() or 1) - os.getloadavg()[0]
+    return max(1, min(MAX_WORKERS, 1 + int(idle)))
+
+
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
     """No cyclic garbage collection while folding: the rows are long-lived and acyclic, and
@@ -500,8 +509,8 @@ async def replay(
     ``force``: those rows would be lost.
 
     ``workers`` processes fold the log in parallel (``read_partitioned``) when every read
-    model is ``by_task`` and the raw reader is available; default: one per CPU (at most
-    ``MAX_WORKERS``) for a log of ``PARALLEL_FROM`` messages or more, else one."""
+    model is ``by_task`` and the raw reader is available; default: one per idle CPU (at
+    most ``MAX_WORKERS``) for a log of ``PARALLEL_FROM`` messages or more, else one."""
     unknown = [n for n in names or () if n not in READ_MODELS]
     if unknown:
         raise ValueError(f"unknown read model(s) {', '.join(unknown)}; known: {', '.join(READ_MODELS)}")
@@ -519,7 +528,7 @@ async def replay(
         tell(f"replaying {', '.join(result.models)} from stream {bus.stream} seq 1 to {target:,}")
         reader = await LogReader.open(bus, settings)
         if workers is None:
-            workers = min(os.cpu_count() or 1, MAX_WORKERS) if target >= PARALLEL_FROM else 1
+            workers = _idle_cpus() if target >= PARALLEL_FROM else 1
         if workers > 1 and reader is not None and all(m.by_task for m in models):
             tell(f"folding in {workers} processes")
             result.workers = workers
