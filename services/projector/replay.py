@@ -309,8 +309,8 @@ def _idle_cpus() -> int:
 
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
-    """No cyclic garbage collection while folding: the rows are long-lived and acyclic, and
-    collecting re-scans all of them again and again as they grow."""
+    """No cyclic garbage collection while folding or loading: the rows are long-lived and
+    acyclic, and each collection would re-scan all of them."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -546,7 +546,8 @@ async def replay(
         for table in tables:
             await _create_shadow(conn, table)
         # Each table on its own connection: PostgreSQL writes one while we encode the next.
-        loaded = await asyncio.gather(*(_fill_shadow(settings, t, sources[t]) for t in tables))
+        with _no_gc():  # encoding the records allocates; collections would re-scan every row
+            loaded = await asyncio.gather(*(_fill_shadow(settings, t, sources[t]) for t in tables))
         renames: dict[str, list[tuple[str, str, str]]] = {}
         for table, (count, renamed) in zip(tables, loaded, strict=True):
             result.rows[table], renames[table] = count, renamed
