@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -33,8 +32,6 @@ from nats.js import api
 
 from services.common.bus import Bus
 from services.common.settings import Settings
-
-log = logging.getLogger(__name__)
 
 # (stream sequence, subject, raw headers or b"", payload)
 Delivery = tuple[int, bytes, bytes, bytes]
