@@ -3,8 +3,10 @@
 Publishes ``--events`` events (tasks of five events each: requested, submitted, status,
 completed, stored) into a fresh stream, then:
 
-1. ``replay``: read from seq 1, fold in memory, COPY into shadow tables, build the indexes,
-   swap: events per second over the whole run, and each phase's time.
+1. ``replay``: read from seq 1, fold in memory (in worker processes too, see
+   ``--workers``), COPY into shadow tables, build the indexes, swap: events per second over
+   the whole run, each phase's time, and the CPU seconds of the replay and its workers
+   (the machine may be shared: events per CPU-second and the load average say how much).
 2. Baseline: a plain PostgreSQL COPY of the same rows (the replay's final ``flux_tasks`` and
    ``image_history`` rows) into unindexed tables: rows per second, the floor any rebuild
    that writes these rows pays.
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
+import resource
 import tempfile
 import time
 import uuid
@@ -60,6 +65,13 @@ async def publish(bus: Bus, events: int) -> float:
     return time.perf_counter() - start
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (the replay's workers; the
+    embedded servers are still running, so not counted)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 async def plain_copy(dsn: str) -> tuple[int, float]:
     """COPY the rows the replay wrote (read back, not timed) into unindexed scratch tables:
     (rows, seconds)."""
@@ -83,7 +95,7 @@ async def plain_copy(dsn: str) -> tuple[int, float]:
         await conn.close()
 
 
-async def run(nats_url: str, db_url: str, events: int) -> None:
+async def run(nats_url: str, db_url: str, events: int, profile: bool, workers: list[int | None]) -> None:
     settings = Settings(
         NATS_URL=nats_url,
         DATABASE_URL=db_url,
@@ -94,31 +106,48 @@ async def run(nats_url: str, db_url: str, events: int) -> None:
     try:
         took = await publish(bus, events)
         print(f"published {events:,} events in {took:.1f}s ({events / took:,.0f}/s)")
-        cpu = time.process_time()
-        result = await replay(settings, bus)
-        cpu = time.process_time() - cpu
-        rows = sum(result.rows.values())
-        print(
-            f"replay of {result.events:,} events into {rows:,} rows "
-            f"({cpu:.1f}s of our CPU: {result.events / cpu:,.0f} events per CPU-second)"
-        )
-        copied, seconds = await plain_copy(settings.asyncpg_dsn)
-        read_rate = result.events / result.read_seconds
-        table = [
-            ("whole replay (ours)", f"{result.events_per_second:,.0f} events/s", f"{result.seconds:.1f}s"),
-            ("  read + fold", f"{read_rate:,.0f} events/s", f"{result.read_seconds:.1f}s"),
-            ("  COPY + indexes + catch-up", "", f"{result.load_seconds:.1f}s"),
-            ("  swap", "", f"{result.swap_seconds * 1000:.0f}ms"),
-            ("plain COPY of the same rows (baseline)", f"{copied / seconds:,.0f} rows/s", f"{seconds:.1f}s"),
-        ]
-        for name, rate, took in table:
-            print(f"  {name:<40}{rate:>18}{took:>10}")
+        for n in workers:  # each replays the same stream (the later ones replace equal tables)
+            await replay_once(settings, bus, profile, n)
     finally:
         await bus.js.delete_stream(settings.stream_name)
         await bus.close()
 
 
-async def main(events: int) -> None:
+async def replay_once(settings: Settings, bus: Bus, profile: bool, workers: int | None) -> None:
+    profiler = cProfile.Profile() if profile else None
+    load = os.getloadavg()[0]
+    cpu = _cpu()
+    if profiler is not None:
+        profiler.enable()
+    result = await replay(settings, bus, workers=workers)
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    cpu = _cpu() - cpu
+    rows = sum(result.rows.values())
+    print(
+        f"replay of {result.events:,} events into {rows:,} rows "
+        f"({cpu:.1f}s of CPU in the replay and its workers: {result.events / cpu:,.0f} events per "
+        f"CPU-second; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after)"
+    )
+    copied, seconds = await plain_copy(settings.asyncpg_dsn)
+    read_rate = result.events / result.read_seconds
+    table = [
+        ("whole replay (ours)", f"{result.events_per_second:,.0f} events/s", f"{result.seconds:.1f}s"),
+        (
+            f"  read + fold ({result.workers} processes)",
+            f"{read_rate:,.0f} events/s",
+            f"{result.read_seconds:.1f}s",
+        ),
+        ("  COPY + indexes + catch-up", "", f"{result.load_seconds:.1f}s"),
+        ("  swap", "", f"{result.swap_seconds * 1000:.0f}ms"),
+        ("plain COPY of the same rows (baseline)", f"{copied / seconds:,.0f} rows/s", f"{seconds:.1f}s"),
+    ]
+    for name, rate, took in table:
+        print(f"  {name:<40}{rate:>18}{took:>10}")
+
+
+async def main(events: int, profile: bool = False, workers: list[int | None] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = []
@@ -141,7 +170,7 @@ async def main(events: int) -> None:
             url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
             try:
                 await asyncio.to_thread(upgrade, Settings(DATABASE_URL=url))
-                await run(nats_url, url, events)
+                await run(nats_url, url, events, profile, workers or [None])
             finally:
                 admin = await asyncpg.connect(Settings(DATABASE_URL=db_url).asyncpg_dsn)
                 await admin.execute(f'drop database if exists "{name}" with (force)')
@@ -154,5 +183,11 @@ async def main(events: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--profile", action="store_true", help="cProfile the replay (its own CPU)")
+    parser.add_argument(
+        "--workers",
+        help="processes folding the log, e.g. 2 or 2,1 (one replay each, same stream); default: replay's",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.events))
+    workers = [int(n) for n in args.workers.split(",")] if args.workers else None
+    asyncio.run(main(args.events, args.profile, workers))

@@ -464,6 +464,7 @@ EVENT_TYPES: tuple[type[FluxEvent], ...] = (
 )
 TERMINAL_TOKENS: tuple[str, ...] = tuple(t.token for t in EVENT_TYPES if t.terminal)
 SUPPORTED_VERSIONS: dict[str, int] = {t.model_fields["type"].default: 1 for t in EVENT_TYPES}
+_TYPE_NAMES: dict[type[FluxEvent], str] = {t: t.model_fields["type"].default for t in EVENT_TYPES}
 
 AnyEvent = Annotated[
     TaskRequested
@@ -497,7 +498,7 @@ def decode_event(raw: bytes | str) -> FluxEvent:
         event: FluxEvent = _adapter.validate_json(raw)
     except ValidationError as exc:
         raise UnknownEvent(_first_error(exc)) from exc
-    type_name = type(event).model_fields["type"].default
+    type_name = _TYPE_NAMES[type(event)]  # model_fields per event was an eighth of decoding
     expected = SUPPORTED_VERSIONS[type_name]
     if event.version != expected:
         raise UnknownEvent(f"{type_name} version {event.version} is not supported (expected {expected})")

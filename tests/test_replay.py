@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -14,6 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas.events import (
     FluxEvent,
+    HistoryItemHidden,
+    HistoryItemHiddenData,
+    HistoryItemRecorded,
+    HistoryItemRecordedData,
     ImagesStored,
     ImagesStoredData,
     ProviderImage,
@@ -36,6 +41,7 @@ from services.common.bus import REDRIVE_OF, Bus
 from services.common.db import make_engine
 from services.common.migrate import alembic_config
 from services.common.settings import Settings
+from services.projector import logreader
 from services.projector.main import project
 from services.projector.replay import replay
 from tests.conftest import migrated_database
@@ -105,6 +111,13 @@ def task_story(
     return events + [ImagesStored(**ids, data=ImagesStoredData(images=(stored,)))]
 
 
+HIDE_FLUX = HistoryItemHiddenData(source="flux")
+
+
+async def _none() -> None:
+    return None
+
+
 async def publish_again(bus: Bus, event: FluxEvent, tag: str) -> None:
     """The same event once more under another msg id, as a redelivery past the duplicate
     window or a re-drive would put it in the log."""
@@ -128,6 +141,23 @@ async def publish_mixed_run(bus: Bus, prefix: str, n: int = 12) -> None:
                 data=TaskStatusChangedData(status="IN_QUEUE", seq=9),
             )
         )
+    # The unified history: another generator's item, a flux item hidden by its owner, and one
+    # a stranger tries to hide (changes nothing).
+    await bus.publish(
+        HistoryItemRecorded(
+            task_id=f"{prefix}:mj",  # not a subject token: its subjects carry a digest
+            user_id="user1",
+            data=HistoryItemRecordedData(
+                source="midjourney",
+                status="SUCCESS",
+                prompt="a cat",
+                image_url=f"https://mj/{prefix}.png",
+                created_at=datetime(2026, 1, 1, tzinfo=UTC),
+            ),
+        )
+    )
+    await bus.publish(HistoryItemHidden(task_id=f"{prefix}0", user_id="user0", data=HIDE_FLUX))
+    await bus.publish(HistoryItemHidden(task_id=f"{prefix}6", user_id="user1", data=HIDE_FLUX))
     # A re-driven copy (fluxpipe dlq redrive) is for its consumer only: no reader folds it.
     running = TaskStatusChanged(
         task_id=f"{prefix}4", user_id="user1", data=TaskStatusChangedData(status="IN_PROGRESS", seq=1)
@@ -271,17 +301,22 @@ async def test_replay_swaps_in_tables_equal_to_the_live_projection_while_queries
     after = await snapshot(settings.asyncpg_dsn)
     from_scratch = await snapshot(fresh.asyncpg_dsn)
     assert len(after["tasks"]) == 30
+    hidden = {(h["source"], h["source_task_id"]) for h in after["history"] if h["hidden"]}
+    assert hidden == {("flux", "a0"), ("flux", "b0"), ("flux", "c0")}
+    assert {"a:mj", "b:mj", "c:mj"} <= {h["source_task_id"] for h in after["history"]}
     assert differences(after["tasks"], from_scratch["tasks"]) == []
     assert differences(after["history"], from_scratch["history"]) == []
     assert after["schema"] == before["schema"] and after["constraints"] == before["constraints"]
     assert before["tasks"] == [t for t in after["tasks"] if not t["id"].startswith("c")]
 
 
-async def test_a_second_replay_in_a_row_changes_nothing(bus, engine, settings):
+async def test_a_second_replay_in_a_row_changes_nothing(bus, engine, settings, monkeypatch):
     await publish_mixed_run(bus, "d", n=6)
-    first = await replay(settings, bus)
+    with monkeypatch.context() as tls_only:  # the first reads through nats-py, as on a TLS server
+        tls_only.setattr(logreader.LogReader, "open", classmethod(lambda cls, bus, settings: _none()))
+        first = await replay(settings, bus)
     once = await snapshot(settings.asyncpg_dsn)
-    second = await replay(settings, bus)
+    second = await replay(settings, bus)  # the raw reader: the same rows
     assert first.through_seq == second.through_seq
     assert await snapshot(settings.asyncpg_dsn) == once
     assert await applied(engine) == first.through_seq
@@ -300,8 +335,50 @@ async def test_replay_refuses_to_drop_rows_no_registered_read_model_rebuilds(bus
         )
         with pytest.raises(RuntimeError, match="1 row\\(s\\) of image_history have no counterpart"):
             await replay(settings, bus)
-        assert await conn.fetchval("select count(*) from image_history where source = 'midjourney'") == 1
+        assert await conn.fetchval("select count(*) from image_history where source_task_id = 'mj1'") == 1
         await replay(settings, bus, force=True)
-        assert await conn.fetchval("select count(*) from image_history where source = 'midjourney'") == 0
+        assert await conn.fetchval("select count(*) from image_history where source_task_id = 'mj1'") == 0
     finally:
         await conn.close()
+
+
+async def test_the_raw_reader_delivers_each_range_in_order_across_many_pulls(bus, settings, monkeypatch):
+    monkeypatch.setattr(logreader, "BATCH", 7)  # many pull requests, several in flight
+    await publish_mixed_run(bus, "r", n=3)
+    last = (await bus.js.stream_info(bus.stream)).state.last_seq
+    reader = await logreader.LogReader.open(bus, settings)
+    assert reader is not None
+    try:
+
+        async def seqs(after: int, until: int) -> list[tuple[int, bool]]:
+            return [
+                (seq, REDRIVE_OF.encode() in logreader.header_names(headers))
+                async for chunk in reader.read(after, until)
+                for seq, _subject, headers, _data in chunk
+            ]
+
+        everything = await seqs(0, last)
+        assert [seq for seq, _ in everything] == list(range(1, last + 1))
+        assert [seq for seq, copy in everything if copy] == [last - 2]  # publish_mixed_run's re-drive
+        # Ranges on the same connection: what an earlier read left in flight is never delivered.
+        assert await seqs(0, 5) == everything[:5]
+        assert await seqs(5, 9) == everything[5:9]
+        assert await seqs(9, last) == everything[9:]
+        assert await seqs(last, last) == []
+    finally:
+        await reader.close()
+
+
+async def test_a_replay_folded_in_parallel_partitions_gives_the_same_rows(bus, engine, settings):
+    await publish_mixed_run(bus, "p", n=12)
+    # A task id that is no subject token: its task subjects carry it, its history subjects a
+    # digest of it; both must land in the same partition.
+    for event in task_story("p:x", "stored", user="user2"):
+        await bus.publish(event)
+    await bus.publish(HistoryItemHidden(task_id="p:x", user_id="user2", data=HIDE_FLUX))
+    alone = await replay(settings, bus, workers=1)
+    one = await snapshot(settings.asyncpg_dsn)
+    parallel = await replay(settings, bus, workers=3)
+    assert await snapshot(settings.asyncpg_dsn) == one
+    assert (parallel.events, parallel.skipped) == (alone.events, alone.skipped)
+    assert {h["source_task_id"] for h in one["history"] if h["hidden"]} == {"p0", "p:x"}

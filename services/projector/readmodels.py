@@ -17,6 +17,11 @@ Invariants:
   read model. A table that several read models fill (``image_history``: Flux tasks here, other
   generators' history elsewhere) gets the rows of each of them, so each source must register
   its fold for it (with the same key columns), or its rows are lost at the swap.
+- A read model ``by_task`` has every row depend only on the events of one task token (the
+  subject token after ``task.``, or after ``history.<source>.``) and is left unchanged by
+  events on other subjects. A replay may then fold the log in partitions by that token, in
+  parallel processes, and ``merge`` the partitions' rebuilds into one (a union: no key is
+  in two partitions).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class Rebuild(Protocol):
 
     def changes(self, table: str) -> list[Row]: ...
 
+    def merge(self, other: Any) -> None: ...
+
 
 @dataclass(frozen=True)
 class ReadModel:
@@ -49,6 +56,7 @@ class ReadModel:
     keys: dict[str, tuple[str, ...]]
     checkpoint: str
     rebuild: Callable[[], Rebuild]
+    by_task: bool = False
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -88,6 +96,13 @@ class FluxTasksRebuild:
             self.history[key] = row
             self.dirty_history.add(key)
 
+    def merge(self, other: FluxTasksRebuild) -> None:
+        """Take in the rows of another partition of the log (disjoint tasks and items)."""
+        self.tasks.update(other.tasks)
+        self.history.update(other.history)
+        self.dirty_tasks |= other.dirty_tasks
+        self.dirty_history |= other.dirty_history
+
     def rows(self, table: str) -> Iterable[Row]:
         self.dirty_tasks.clear()
         self.dirty_history.clear()
@@ -109,5 +124,6 @@ register(
         keys={"flux_tasks": ("id",), "image_history": ("source", "source_task_id")},
         checkpoint=CHECKPOINT,
         rebuild=FluxTasksRebuild,
+        by_task=True,  # rows keyed by task id and (source, item id), both the subject's token
     )
 )
