@@ -12,14 +12,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 
 from services.common.bus import Bus
 from services.common.embedded import free_port, wait_for_port
 from services.common.settings import Settings
 from services.common.supervisor import Supervisor
-from tests.conftest import SECRET
+from services.projector.replay import replay
+from tests.conftest import SECRET, migrated_database
 from tests.simulator_server import TEST_API_KEY
 
 WORKERS = ("projector", "submitter", "poller", "uploader")
@@ -107,10 +110,23 @@ async def submit(
 
 async def wait_all_stored(http: httpx.AsyncClient, gateway: str, task_ids: list[str], within: float) -> None:
     """Until every task is SUCCESS with its stored copy; fails at once on FAILED/CANCELLED."""
+    await wait_all_ended(http, gateway, task_ids, within, failures_allowed=False)
+
+
+async def wait_all_ended(
+    http: httpx.AsyncClient,
+    gateway: str,
+    task_ids: list[str],
+    within: float,
+    *,
+    failures_allowed: bool = True,
+) -> dict[str, dict]:
+    """Until every task has ended: SUCCESS with its stored copy, or FAILED/CANCELLED (unless
+    ``failures_allowed`` is false: then one fails the wait at once). The tasks as last read."""
     deadline = time.monotonic() + within
-    pending = set(task_ids)
-    while pending and time.monotonic() < deadline:
-        for task_id in list(pending):
+    ended: dict[str, dict] = {}
+    while len(ended) < len(task_ids) and time.monotonic() < deadline:
+        for task_id in [t for t in task_ids if t not in ended]:
             try:
                 r = await http.get(f"{gateway}/api/flux/task/{task_id}")
             except httpx.TransportError:
@@ -118,11 +134,13 @@ async def wait_all_stored(http: httpx.AsyncClient, gateway: str, task_ids: list[
             if r.status_code != 200:
                 continue
             task = r.json()
-            assert task["status"] not in ("FAILED", "CANCELLED"), task
-            if task["status"] == "SUCCESS" and task["cloud_image_url"]:
-                pending.discard(task_id)
+            failed = task["status"] in ("FAILED", "CANCELLED")
+            assert failures_allowed or not failed, task
+            if failed or (task["status"] == "SUCCESS" and task["cloud_image_url"]):
+                ended[task_id] = task
         await asyncio.sleep(0.3)
-    assert not pending, f"{len(pending)} task(s) never finished"
+    assert len(ended) == len(task_ids), f"{len(task_ids) - len(ended)} task(s) never finished"
+    return ended
 
 
 async def assert_each_done_once(bus: Bus, task_ids: list[str]) -> None:
@@ -130,3 +148,69 @@ async def assert_each_done_once(bus: Bus, task_ids: list[str]) -> None:
         kinds = Counter(event.token for _, event in await bus.task_story(task_id))
         once = {k: kinds[k] for k in ("requested", "submitted", "completed", "stored")}
         assert set(once.values()) == {1}, (task_id, kinds)
+
+
+async def projector_caught_up(bus: Bus, settings: Settings, within: float = 120) -> None:
+    """Until the projector has applied every message in the stream (its checkpoint)."""
+    deadline = time.monotonic() + within
+    while True:
+        last = (await bus.js.stream_info(bus.stream)).state.last_seq
+        conn = await asyncpg.connect(settings.asyncpg_dsn)
+        try:
+            applied = await conn.fetchval("select coalesce(max(stream_seq), 0) from projector_checkpoints")
+        finally:
+            await conn.close()
+        if applied >= last:
+            return
+        assert time.monotonic() < deadline, f"the projector stayed at seq {applied} of {last}"
+        await asyncio.sleep(0.2)
+
+
+async def read_models(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    """``flux_tasks`` and ``image_history`` (without its surrogate key), in a stable order."""
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        return {
+            "flux_tasks": [dict(r) for r in await conn.fetch("select * from flux_tasks order by id")],
+            "image_history": [
+                {k: v for k, v in dict(r).items() if k != "id"}
+                for r in await conn.fetch("select * from image_history order by source, source_task_id")
+            ],
+        }
+    finally:
+        await conn.close()
+
+
+async def assert_read_models_equal_a_fresh_replay(bus: Bus, settings: Settings, server_url: str) -> int:
+    """Once the projector has caught up, its read models must equal, row for row and column for
+    column, what ``fluxpipe replay`` (services/projector/replay.py) builds from the whole log
+    into a fresh database on the same server. The number of ``flux_tasks`` rows."""
+    await projector_caught_up(bus, settings)
+    async with migrated_database(server_url, "fluxpipe_fresh_replay") as fresh_url:
+        fresh = settings.model_copy(update={"database_url": fresh_url})
+        await replay(fresh, bus)
+        live, rebuilt = await read_models(settings), await read_models(fresh)
+    for table, rows in live.items():
+        replayed = rebuilt[table]
+        differing = [(a, b) for a, b in zip(rows, replayed, strict=False) if a != b]
+        assert len(rows) == len(replayed) and not differing, (
+            f"{table}: {len(rows)} live rows, {len(replayed)} replayed; first differences: {differing[:2]}"
+        )
+    return len(live["flux_tasks"])
+
+
+async def keep_alive(children: Supervisor) -> None:
+    """What ``fluxpipe up`` does: restart whatever died (an outage may make services exit)."""
+    while True:
+        children.check()
+        await asyncio.sleep(0.2)
+
+
+async def restarted(children: Supervisor, name: str) -> None:
+    """Until the supervisor has ``name`` running again."""
+    for _ in range(300):
+        child = next(c for c in children.children if c.name == name)
+        if child.proc is not None and child.proc.poll() is None and child.restart_at is None:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} was not restarted")
