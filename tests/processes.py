@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 import uuid
 from collections import Counter
@@ -17,6 +18,9 @@ from typing import Any
 import asyncpg
 import httpx
 
+from schemas.events import CreditsCharged, CreditsHeld, CreditsRefunded, decode_event
+from services.common import credits
+from services.common.auth import issue_token
 from services.common.bus import Bus
 from services.common.embedded import free_port, wait_for_port
 from services.common.settings import Settings
@@ -26,6 +30,8 @@ from tests.conftest import SECRET, migrated_database
 from tests.simulator_server import TEST_API_KEY
 
 WORKERS = ("projector", "submitter", "poller", "uploader")
+COST = 2  # credits a job costs once ``turn_credits_on`` has run
+MODEL = "fal-ai/flux-1/dev"  # what text-to-image runs by default
 
 
 def service_env(settings: Settings, database_url: str, fal_url: str, storage: Path, **extra: str) -> dict:
@@ -214,3 +220,77 @@ async def restarted(children: Supervisor, name: str) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"{name} was not restarted")
+
+
+async def turn_credits_on(
+    http: httpx.AsyncClient, gateway: str, settings: Settings, user_id: str, grant: int
+) -> None:
+    """Through the admin API: every text-to-image job costs ``COST``; ``user_id`` gets ``grant``.
+    (The ledger worker must run to settle them: ``supervisor.spawn("ledger")``.)"""
+    root = {"Authorization": f"Bearer {issue_token(settings, 'root', admin=True)}"}
+    r = await http.put(f"{gateway}/api/flux/admin/config", json={"credit_costs": {MODEL: COST}}, headers=root)
+    assert r.status_code == 200, r.text
+    r = await http.post(
+        f"{gateway}/api/flux/admin/credits/{user_id}", json={"amount": grant, "reason": "test"}, headers=root
+    )
+    assert r.status_code == 200 and r.json()["balance"] == grant, r.text
+
+
+async def settled_credits(http: httpx.AsyncClient, gateway: str, within: float = 120) -> dict[str, Any]:
+    """Once every task has ended: until the ledger has settled them all (nothing held), the
+    caller's ``GET /api/flux/credits``."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            mine: dict[str, Any] = (await http.get(f"{gateway}/api/flux/credits")).json()
+        except httpx.TransportError:
+            mine = {"held": None}
+        if mine["held"] == 0:
+            return mine
+        assert time.monotonic() < deadline, f"credits still held: {mine}"
+        await asyncio.sleep(0.2)
+
+
+async def assert_credits_exact(
+    bus: Bus,
+    settings: Settings,
+    user_id: str,
+    grant: int,
+    succeeded: list[str],
+    failed: list[str],
+    seen: dict[str, Any],
+) -> None:
+    """The house rule: a job holds ``COST`` when accepted, is charged when fal completes it and
+    refunded when it fails. So the balance is the grant minus ``COST`` per SUCCESS task, nothing
+    is held, the user's ledger subject holds one ``held`` and one ``charged`` or ``refunded`` per
+    task, and the API's view (``seen``) and the ``flux_credits`` read model agree with it."""
+    ledger = await credits.read_ledger(bus, user_id)
+    assert ledger.open_tasks == {}, ledger
+    assert (ledger.balance, ledger.used) == (grant - COST * len(succeeded), COST * len(succeeded)), ledger
+    assert (seen["balance"], seen["held"], seen["total_used"]) == (ledger.balance, 0, ledger.used)
+    moves: dict[str, Counter[str]] = {}
+    async for _, _, data in bus.iter_raw(credits.ledger_subject(bus, user_id)):
+        event = decode_event(data)
+        if isinstance(event, CreditsHeld | CreditsCharged | CreditsRefunded):
+            moves.setdefault(event.task_id, Counter())[event.token] += 1
+    assert moves == {
+        **{t: Counter({"held": 1, "charged": 1}) for t in succeeded},
+        **{t: Counter({"held": 1, "refunded": 1}) for t in failed},
+    }
+    await projector_caught_up(bus, settings)
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        row = await conn.fetchrow(
+            "select credits_balance, total_used from flux_credits where user_id = $1", user_id
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["credits_balance"], row["total_used"]) == (ledger.balance, ledger.used)
+
+
+def chaos_random() -> random.Random:
+    """Where a chaos run strikes: seeded from ``FLUXPIPE_CHAOS_SEED`` or at random, and the seed
+    printed, so a failing run can be replayed."""
+    seed = int(os.environ.get("FLUXPIPE_CHAOS_SEED", str(random.randrange(1 << 30))))
+    print(f"chaos seed {seed} (FLUXPIPE_CHAOS_SEED)")
+    return random.Random(seed)

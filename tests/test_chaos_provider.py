@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 from collections import Counter
@@ -34,13 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from schemas.events import CreditsCharged, CreditsHeld, CreditsRefunded, TaskFailed, decode_event
-from services.common import credits
+from schemas.events import TaskFailed
 from services.common.auth import issue_token
 from services.common.bus import Bus
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
@@ -51,13 +48,18 @@ from services.simulator.queue import Simulator
 from tests.conftest import SECRET
 from tests.cos_server import running_cos
 from tests.processes import (
+    COST,
+    assert_credits_exact,
     assert_each_done_once,
     assert_read_models_equal_a_fresh_replay,
+    chaos_random,
     keep_alive,
     restarted,
     service_env,
     services,
+    settled_credits,
     submit,
+    turn_credits_on,
     wait_all_ended,
 )
 from tests.simulator_server import TEST_API_KEY, serve
@@ -67,8 +69,6 @@ PER_ROUND = int(os.environ.get("FLUXPIPE_CHAOS_PER_ROUND", "6"))
 # budget (0.8 × FLUXPIPE_FAILOVER_SECONDS, 2.4 s here); a hung status only at the provider
 # client's 30 s timeout, which CI's budget cannot spare: ``make chaos`` hangs both.
 HANG = tuple(os.environ.get("FLUXPIPE_CHAOS_HANG", "submit").split(","))
-COST = 2
-MODEL = "fal-ai/flux-1/dev"  # what text-to-image runs by default
 USER = "chaos-provider"
 RUNNER_ERROR = "Runner disconnected"
 
@@ -189,15 +189,12 @@ async def faults_met(
 
 
 async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path) -> None:
-    seed = int(os.environ.get("FLUXPIPE_CHAOS_SEED", str(random.randrange(1 << 30))))
-    print(f"chaos seed {seed} (FLUXPIPE_CHAOS_SEED), {PER_ROUND} jobs per round")
-    rng = random.Random(seed)
+    rng = chaos_random()
     nats = EmbeddedNats.start(tmp_path / "nats")
     pg = EmbeddedPostgres.start(tmp_path / "pg")
     settings = Settings(NATS_URL=nats.url, DATABASE_URL=pg.url, FLUXPIPE_JWT_SECRET=SECRET)
     await asyncio.to_thread(upgrade, settings)
     user = {"Authorization": f"Bearer {issue_token(settings, USER)}"}
-    root = {"Authorization": f"Bearer {issue_token(settings, 'root', admin=True)}"}
     rounds: dict[str, list[str]] = {}
     grant = COST * PER_ROUND * len(ROUNDS) + 7
     started = time.monotonic()
@@ -213,16 +210,7 @@ async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path
                     httpx.AsyncClient(headers=user, timeout=60) as http,
                     httpx.AsyncClient(headers={"Authorization": f"Key {TEST_API_KEY}"}, timeout=10) as sim,
                 ):
-                    r = await http.put(
-                        f"{gateway}/api/flux/admin/config", json={"credit_costs": {MODEL: COST}}, headers=root
-                    )
-                    assert r.status_code == 200, r.text
-                    r = await http.post(
-                        f"{gateway}/api/flux/admin/credits/{USER}",
-                        json={"amount": grant, "reason": "chaos"},
-                        headers=root,
-                    )
-                    assert r.status_code == 200 and r.json()["balance"] == grant, r.text
+                    await turn_credits_on(http, gateway, settings, USER, grant)
 
                     for chaos in ROUNDS:
                         began = time.monotonic()
@@ -250,13 +238,7 @@ async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path
 
                     everything = [t for ids in rounds.values() for t in ids]
                     tasks = await wait_all_ended(http, gateway, everything, within=60)
-                    mine: dict[str, Any] = {}
-
-                    async def settled() -> bool:  # the ledger settles a task after it ends
-                        mine.update((await http.get(f"{gateway}/api/flux/credits")).json())
-                        return bool(mine["held"] == 0)
-
-                    await until(settled, "every task's credits to be charged or refunded")
+                    mine = await settled_credits(http, gateway)
                 keeper.cancel()
                 for chaos in ROUNDS:
                     if chaos.victim:
@@ -298,41 +280,13 @@ async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path
                 ending = next(e for e in story if isinstance(e, TaskFailed))
                 assert ending.data.error_type == "runner_disconnected", ending
 
-            # credits exact: held once per task, charged for each SUCCESS, refunded for each FAILED
-            ledger = await credits.read_ledger(bus, USER)
-            assert ledger.open_tasks == {}
-            assert ledger.balance == grant - COST * len(succeeded), ledger
-            assert ledger.used == COST * len(succeeded), ledger
-            assert (mine["balance"], mine["held"], mine["total_used"]) == (ledger.balance, 0, ledger.used)
-            moves: dict[str, Counter[str]] = {}
-            async for _, _, data in bus.iter_raw(credits.ledger_subject(bus, USER)):
-                event = decode_event(data)
-                if isinstance(event, CreditsHeld | CreditsCharged | CreditsRefunded):
-                    moves.setdefault(event.task_id, Counter())[event.token] += 1
-            assert moves == {
-                **{t: Counter({"held": 1, "charged": 1}) for t in succeeded},
-                **{t: Counter({"held": 1, "refunded": 1}) for t in failing},
-            }
+            await assert_credits_exact(bus, settings, USER, grant, succeeded, sorted(failing), mine)
 
             # the read models equal a fresh replay of the log (the real tool, into a new database)
             rows = await assert_read_models_equal_a_fresh_replay(bus, settings, pg.url)
             assert rows == len(everything)
-            balance = await credits_read_model(settings)
-            assert balance == (ledger.balance, ledger.used)
         finally:
             await bus.close()
     finally:
         nats.stop()
         pg.stop()
-
-
-async def credits_read_model(settings: Settings) -> tuple[int, int]:
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
-    try:
-        row = await conn.fetchrow(
-            "select credits_balance, total_used from flux_credits where user_id = $1", USER
-        )
-    finally:
-        await conn.close()
-    assert row is not None
-    return row["credits_balance"], row["total_used"]
