@@ -66,9 +66,10 @@ from tests.simulator_server import TEST_API_KEY, serve
 
 PER_ROUND = int(os.environ.get("FLUXPIPE_CHAOS_PER_ROUND", "6"))
 BURST = 10  # 429s in the burst; COS's 503s in its round: a burst, bounded whatever PER_ROUND is
-# Which fal answers hang in the hang round. A hung submit is given up within the submitter's
-# budget (0.8 × FLUXPIPE_FAILOVER_SECONDS, 2.4 s here); a hung status only at the provider
-# client's 30 s timeout, which CI's budget cannot spare: ``make chaos`` hangs both.
+# Which fal answers hang, one round each ("submit", "status"). A hung submit is given up within
+# the submitter's budget (0.8 × FLUXPIPE_FAILOVER_SECONDS, 2.4 s here); a hung status only at
+# the provider client's 30 s timeout, which CI's budget cannot spare: ``make chaos`` hangs
+# both. Not in one round: while every submit hangs, no task reaches fal to ask its status.
 HANG = tuple(os.environ.get("FLUXPIPE_CHAOS_HANG", "submit").split(","))
 USER = "chaos-provider"
 RUNNER_ERROR = "Runner disconnected"
@@ -106,7 +107,7 @@ ROUNDS = (
     # not on submit: a garbled answer to a submit that was queued makes a second fal request
     # (fal has no idempotency key; services/common/fal.py says so)
     Round("fal malformed JSON", {"malformed_json": {"status": 0.3, "result": 0.5}}, victim="uploader"),
-    Round("fal hang", {"hang": list(HANG)}, victim="projector"),
+    *(Round(f"fal hang {kind}", {"hang": [kind]}, victim="projector") for kind in HANG),
     Round("fal runner errors", {"runner_error_rate": 1.0}, victim="ledger", fails=True),
     Round("COS 5xx and timeouts", victim="uploader"),
 )
