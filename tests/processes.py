@@ -4,12 +4,13 @@ compose start them, for tests that need several replicas or servers of their own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,20 @@ async def keep_alive(children: Supervisor) -> None:
     while True:
         children.check()
         await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def kept_alive(children: Supervisor) -> AsyncIterator[None]:
+    """``keep_alive`` for the block's duration, and never beyond it: the test session shares one
+    event loop, so a keeper left running by a failed test would start its services again, on
+    servers that are gone, while the next tests run."""
+    keeper = asyncio.create_task(keep_alive(children))
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            await keeper
 
 
 async def restarted(children: Supervisor, name: str) -> None:

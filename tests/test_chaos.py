@@ -28,7 +28,7 @@ from tests.processes import (
     assert_each_done_once,
     assert_read_models_equal_a_fresh_replay,
     chaos_random,
-    keep_alive,
+    kept_alive,
     restarted,
     service_env,
     services,
@@ -62,8 +62,7 @@ async def test_kill_every_service_and_restart_nats_and_postgres_mid_run(tmp_path
             with services(env) as running:
                 gateways, children = running.urls, running.supervisor
                 children.spawn("ledger")  # settles credits: not one of the test helper's workers
-                keeper = asyncio.create_task(keep_alive(children))
-                async with httpx.AsyncClient(headers=auth, timeout=30) as http:
+                async with kept_alive(children), httpx.AsyncClient(headers=auth, timeout=30) as http:
                     await turn_credits_on(http, gateways[0], settings, USER, grant)
                     for victim in ROUNDS:
                         prompts = [f"{victim} {i}" for i in range(PER_ROUND)]
@@ -84,7 +83,6 @@ async def test_kill_every_service_and_restart_nats_and_postgres_mid_run(tmp_path
                         task_ids += await submit(http, gateways, prompts[at:])
                     await wait_all_stored(http, gateways[0], task_ids, within=240 + PER_ROUND * 2)
                     mine = await settled_credits(http, gateways[0])
-                keeper.cancel()
                 for victim in ROUNDS[:5]:
                     assert f"fluxpipe: {victim} restarted" in running.said
 

@@ -53,7 +53,7 @@ from tests.processes import (
     assert_each_done_once,
     assert_read_models_equal_a_fresh_replay,
     chaos_random,
-    keep_alive,
+    kept_alive,
     restarted,
     service_env,
     services,
@@ -209,9 +209,9 @@ async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path
             with services(env) as running:
                 gateway, children = running.urls[0], running.supervisor
                 children.spawn("ledger")  # settles credits: not one of the test helper's workers
-                keeper = asyncio.create_task(keep_alive(children))
                 control = f"{fal.url}/_simulator/faults"
                 async with (
+                    kept_alive(children),
                     httpx.AsyncClient(headers=user, timeout=60) as http,
                     httpx.AsyncClient(headers={"Authorization": f"Key {TEST_API_KEY}"}, timeout=10) as sim,
                 ):
@@ -244,7 +244,6 @@ async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path
                     everything = [t for ids in rounds.values() for t in ids]
                     tasks = await wait_all_ended(http, gateway, everything, within=60)
                     mine = await settled_credits(http, gateway)
-                keeper.cancel()
                 for chaos in ROUNDS:
                     if chaos.victim:
                         assert f"fluxpipe: {chaos.victim} restarted" in running.said
