@@ -186,3 +186,8 @@ class EmbeddedPostgres:
             os.kill(pid, signal.SIGINT)
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.05)
+        # pgserver keeps one handle per data folder and hands it out again from get_server;
+        # when a killed process is still on its list the handle outlives its postmaster, and
+        # ``start`` after a crash would return the dead server. Forget it: the next ``start``
+        # starts PostgreSQL again.
+        type(self.server)._instances.pop(Path(self.server.pgdata), None)
