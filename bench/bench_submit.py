@@ -51,6 +51,7 @@ from pathlib import Path
 import nats
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from nats.aio.msg import Msg
 
 from bench.bench_e2e import provider_env, start_stack
 from schemas.events import TaskRequested, TaskRequestedData
@@ -62,6 +63,7 @@ from services.common.settings import Settings
 
 PATH = "/api/flux/text-to-image"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+STALE = 2.0  # seconds idle after which a pooled connection is not reused (uvicorn closes at 5)
 
 
 # --- a small HTTP/1.1 keep-alive client: cheap enough not to be what is measured -------------
@@ -70,6 +72,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.used = time.monotonic()
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -87,6 +90,7 @@ class Connection:
             if name.lower() == b"content-length":
                 length = int(value)
         body = await self.reader.readexactly(length) if length else b""
+        self.used = time.monotonic()
         return status, body
 
     def close(self) -> None:
@@ -129,6 +133,9 @@ async def open_loop(
     pending: set[asyncio.Task[None]] = set()
 
     async def one(request: bytes, scheduled: float) -> None:
+        while idle and time.monotonic() - idle[-1].used > STALE:  # the server may have closed it
+            idle.pop().close()
+            result.connections -= 1
         if idle:
             conn = idle.pop()
         elif result.connections < most:
@@ -286,7 +293,7 @@ class StoredCounter:
     def __init__(self) -> None:
         self.count = 0
 
-    async def on_stored(self, msg: nats.aio.msg.Msg) -> None:
+    async def on_stored(self, msg: Msg) -> None:
         self.count += 1
 
 
@@ -429,7 +436,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--sync", nargs="+", default=["always", "default"], choices=["always", "default"], help="NATS sync"
     )
-    parser.add_argument("--drain", type=float, default=180.0, help="most seconds to wait for the workers")
+    parser.add_argument("--drain", type=float, default=60.0, help="most seconds to wait for the workers")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.serve_baseline:
