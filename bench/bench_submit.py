@@ -251,7 +251,11 @@ def start_baseline(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
         env=env,
         stderr=subprocess.DEVNULL,
     )
-    wait_for_port("127.0.0.1", port, 30, server)
+    try:
+        wait_for_port("127.0.0.1", port, 120, server)
+    except BaseException:
+        server.kill()
+        raise
     return server, port
 
 
@@ -336,6 +340,12 @@ async def drain(nc: nats.NATS, stream: str, limit: float) -> float:
     return time.perf_counter() - started
 
 
+def say(rows: list[str], line: str) -> None:
+    """Keep a row for the summary, and show it at once (on stderr) in case a later stage fails."""
+    rows.append(line)
+    print(line, file=sys.stderr, flush=True)
+
+
 def requests_for(host: str, path: str, tokens: list[str | None], count: int, offset: int) -> list[bytes]:
     return [
         post(
@@ -375,8 +385,8 @@ async def run_stack(
             stack.pid,
             counter,
         )
-        rows.append(row.line())
-        rows.append(f"  {'':<34} workers caught up {await drain(nc, 'FLUX', args.drain):.0f} s later")
+        say(rows, row.line())
+        say(rows, f"  {'':<34} workers caught up {await drain(nc, 'FLUX', args.drain):.0f} s later")
 
         base_env = {**env, "NATS_URL": nats_url, "NATS_USER": "gateway", "NATS_PASSWORD": users["gateway"]}
         baseline, base_port = start_baseline(base_env)
@@ -395,8 +405,8 @@ async def run_stack(
                 stack.pid,
                 counter,
             )
-            rows.append(row.line())
-            rows.append(f"  {'':<34} workers caught up {await drain(nc, 'FLUX', args.drain):.0f} s later")
+            say(rows, row.line())
+            say(rows, f"  {'':<34} workers caught up {await drain(nc, 'FLUX', args.drain):.0f} s later")
         finally:
             baseline.send_signal(signal.SIGTERM)
             baseline.wait(30)
