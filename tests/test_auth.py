@@ -243,6 +243,32 @@ async def test_forwarded_headers_from_anyone_but_an_asserting_service_are_refuse
     assert [m async for m in bus.iter_raw(bus.task_subject())] == []
 
 
+async def test_a_token_accepted_before_is_still_checked_against_forwarded_headers(client, auth_settings):
+    """The gateway keeps the caller of a verified token; a later request with the same token
+    and forwarded-user headers is still judged in full (403), never answered from what it kept."""
+    token = bearer(ours(auth_settings))
+    assert (await client.get("/api/flux/history", headers=token)).status_code == 200
+    forged = {"X-OpenWebUI-User-Id": "victim", "X-OpenWebUI-User-Role": "admin"}
+    r = await client.get("/api/flux/history", headers={**token, **forged})
+    assert r.status_code == 403 and "assert users" in r.json()["message"], r.text
+
+
+def test_a_kept_token_is_kept_no_longer_than_its_own_expiry(auth_settings):
+    """Verification allows 30 s of leeway past ``exp``; what the gateway keeps never does."""
+    from services.common.auth import Principal
+    from services.gateway.deps import VerifiedTokens
+
+    kept = VerifiedTokens()
+    now = int(time.time())
+    live, lapsed = ours(auth_settings), ours(auth_settings, iat=now - 60, exp=now - 10)
+    for token in (live, lapsed):
+        kept.keep(token, Principal(user_id="alice"))
+    assert kept.get(live) == Principal(user_id="alice")
+    assert kept.get(lapsed) is None
+    kept.keep(REPORTS_KEY, Principal(user_id="reports", via="service-key"))
+    assert kept.get(REPORTS_KEY) is None  # service keys are checked every time
+
+
 async def test_a_users_own_id_forwarded_beside_their_own_token_changes_nothing(client, auth_settings):
     task_id = await submit(client, bearer(ours(auth_settings, sub="bob")))
     own = {"X-OpenWebUI-User-Id": "u-1234", "X-OpenWebUI-User-Role": "admin"}

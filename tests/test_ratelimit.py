@@ -49,3 +49,21 @@ async def test_a_bucket_lost_with_a_nats_restart_is_made_again(limiter, bus, set
         await limiter.take("uploads", "alice")
     with pytest.raises(RateLimited):
         await limiter.take("uploads", "alice")
+
+
+async def test_a_count_remembered_by_one_process_never_lets_another_pass(limiter, bus, settings):
+    """Each limiter remembers the revision it last wrote and writes on it directly; when the
+    other process took meanwhile, that write is refused and the key read again, so the two
+    together still stop at exactly the limit, taking turns."""
+    other_process = await RateLimiter.open(bus, settings)
+    taken = []
+    for i in range(6):
+        try:
+            await (limiter if i % 2 else other_process).take("uploads", "carol")
+            taken.append(i)
+        except RateLimited:
+            pass
+    assert taken == [0, 1, 2]
+    for each in (limiter, other_process):
+        with pytest.raises(RateLimited):
+            await each.take("uploads", "carol")

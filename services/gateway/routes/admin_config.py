@@ -39,7 +39,7 @@ router = APIRouter(prefix="/api/flux/admin", tags=["admin"])
 config_table = cast(Table, FluxConfig.__table__)
 
 
-def require_admin(user: CurrentUser) -> Principal:
+async def require_admin(user: CurrentUser) -> Principal:
     if not user.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this route is for administrators only")
     return user

@@ -22,7 +22,7 @@ from services.common.db import FluxTask
 from services.common.settings import Settings
 from services.common.storage import Storage, fresh_urls
 from services.gateway import admission
-from services.gateway.deps import BusDep, CurrentUser, EngineDep, SettingsDep, StorageDep
+from services.gateway.deps import BusDep, CurrentUser, EngineDep, StorageDep
 from services.gateway.from_log import task_from_log
 from services.gateway.guards import database_unreachable
 from services.gateway.lineage import retries_of
@@ -48,9 +48,6 @@ def new_task_id(user_id: str, idempotency_key: str | None, secret: str) -> str:
 async def text_to_image(
     body: TextToImageRequest,
     user: CurrentUser,
-    bus: BusDep,
-    engine: EngineDep,
-    settings: SettingsDep,
     response: Response,
     request: Request,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -60,6 +57,12 @@ async def text_to_image(
     With an ``Idempotency-Key`` a retried submit returns the same task; the same key with a
     different job is a 409, never a silent answer about the other job.
     """
+    # The process's bus, engine and settings straight from the app, not as dependencies:
+    # each dependency is resolved per request, and this is the route that takes the load.
+    state = request.app.state
+    bus: Bus = state.bus
+    engine: AsyncEngine = state.engine
+    settings: Settings = state.settings
     model = body.model or settings.default_model
     spec = MODELS[model]
     steps = body.num_inference_steps

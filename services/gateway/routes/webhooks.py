@@ -27,7 +27,7 @@ router = APIRouter(prefix="/api/flux/webhooks", tags=["webhooks"])
 MAX_BODY_BYTES = 512_000  # the event that carries it must fit a NATS message (1 MB)
 
 
-def get_verifier(request: Request, settings: SettingsDep) -> WebhookVerifier:
+async def get_verifier(request: Request, settings: SettingsDep) -> WebhookVerifier:
     """One verifier (and JWKS cache) per gateway process."""
     verifier: WebhookVerifier | None = getattr(request.app.state, "fal_webhook_verifier", None)
     if verifier is None:
