@@ -151,11 +151,11 @@ def run(
         return
     import uvloop  # libuv's event loop: less CPU per socket operation than asyncio's own
 
-    from services.common.bus import NatsCredentialsRejected
+    from services.common.bus import REACHED_NATS, NatsCredentialsRejected
 
     module = __import__(f"services.{service.value}.main", fromlist=["main"])
     try:
-        uvloop.run(run_until_signalled(lambda stop: module.main(settings, stop)))
+        uvloop.run(run_until_signalled(lambda stop: module.main(settings, stop), ready=REACHED_NATS))
     except NatsCredentialsRejected as exc:
         _fail(str(exc))
 

@@ -40,6 +40,9 @@ from services.common.settings import Settings
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_SECONDS = 10 * 60
+# Set once this process has connected to NATS: before that a stopping service has nothing to
+# finish (services/common/runtime.py).
+REACHED_NATS = asyncio.Event()
 DIRECT_GET_TIMEOUT = 10.0  # as long as any other JetStream API call (``nc.jetstream(timeout=10)``)
 
 
@@ -121,6 +124,7 @@ class Bus:
         servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]  # a cluster
         nc = await nats.connect(servers, name=f"fluxpipe-{name}", error_cb=on_error, **options)
         connecting = False
+        REACHED_NATS.set()
         bus = cls(
             nc=nc, js=nc.jetstream(timeout=10), stream=settings.stream_name, prefix=settings.subject_prefix
         )

@@ -51,11 +51,40 @@ def setup_logging(settings: Settings, service: str) -> None:
     logging.getLogger("qcloud_cos").setLevel(logging.WARNING)  # it logs request headers and signatures
 
 
-async def run_until_signalled(start: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``start(stop_event)``; SIGINT/SIGTERM set the event so the service can finish cleanly."""
-    stop = asyncio.Event()
+STOP_DEADLINE = 60.0  # longer than any service's own grace (a submit in flight gets 35 s)
+
+
+async def run_until_signalled(
+    start: Callable[[asyncio.Event], Awaitable[None]], ready: asyncio.Event | None = None
+) -> None:
+    """Run ``start(stop_event)``; SIGINT/SIGTERM set the event so the service can finish cleanly.
+
+    A stop always ends the process: if the service has not set ``ready`` yet (it is still
+    reaching NATS, say, which it retries forever), it has nothing to finish and is cancelled
+    at once; otherwise it gets ``STOP_DEADLINE`` seconds to finish on its own, and a second
+    signal cancels it at once. A service never outlives its supervisor for want of a server.
+    """
+    stop, again = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        (again if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await start(stop)
+            loop.add_signal_handler(sig, signalled)
+    main = asyncio.ensure_future(start(stop))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not main.done() and (ready is None or ready.is_set()):
+        hurry = asyncio.ensure_future(again.wait())
+        await asyncio.wait({main, hurry}, timeout=STOP_DEADLINE, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+    stopping.cancel()
+    if not main.done():
+        logging.getLogger(__name__).warning("stopping now, without waiting for work in flight to finish")
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        return
+    main.result()
