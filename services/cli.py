@@ -51,6 +51,7 @@ class Service(StrEnum):
 
 WORKERS = (Service.projector, Service.submitter, Service.poller, Service.uploader, Service.ledger)
 DEV_TOKEN_TTL = timedelta(days=365)
+WORKER_NICE = 5
 
 
 def load_settings(data_dir: Path = DEFAULT_DATA_DIR) -> Settings:
@@ -378,8 +379,8 @@ def up(
         def own_user(service: Service) -> dict[str, str]:
             return service_env(nats_users, service.value) if nats_users else {}
 
-        for worker in WORKERS:
-            children.spawn(worker, env=own_user(worker))
+        for worker in WORKERS:  # below the gateway: users' requests first, the backlog waits
+            children.spawn(worker, env=own_user(worker), nice=WORKER_NICE)
         children.spawn(Service.gateway, "--port", str(port), env=own_user(Service.gateway))
         gateway = f"http://127.0.0.1:{port}"
         _wait_ready(gateway, children)

@@ -134,3 +134,20 @@ def test_a_service_still_reaching_nats_stops_at_once_on_sigterm(service: str, tm
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_child_runs_at_the_priority_it_was_given():
+    import os
+
+    said: list[str] = []
+    code = "import os, sys; sys.exit(os.nice(0))"  # its own niceness, as the exit code
+    supervisor = Supervisor({}, said.append, command=script(code))
+    mine = os.nice(0)
+    supervisor.spawn("poller", nice=5)
+    supervisor.spawn("gateway")
+    wait_exit(supervisor)
+    for child in supervisor.children:
+        assert child.proc is not None
+        child.proc.wait(10)
+    codes = {c.name: c.proc.returncode for c in supervisor.children if c.proc is not None}
+    assert codes == {"poller": min(mine + 5, 19), "gateway": mine}

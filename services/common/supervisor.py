@@ -8,11 +8,14 @@ saying which service and how it exited.
 
 Children run in their own sessions (a Ctrl-C reaches ``up`` alone, which stops them in
 order) and are sent SIGTERM by the kernel if ``up`` itself dies (Linux), so they never
-outlive it holding ports.
+outlive it holding ports. A child may run at a lower CPU priority (``nice``): ``fluxpipe up``
+runs the workers below the gateway, so on a saturated machine users' requests are answered
+first and the backlog waits in the stream (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,9 +23,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from services.common.embedded import die_with_parent
+
+
+def _prepare_child(nice: int) -> None:
+    """In the child before exec: its priority, and its death with ``up`` (Linux)."""
+    if nice:
+        os.nice(nice)
+    if sys.platform == "linux":
+        die_with_parent()
 
 
 @dataclass
@@ -33,6 +45,7 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     deaths: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
+    nice: int = 0
 
 
 def fluxpipe_run(name: str, args: tuple[str, ...]) -> list[str]:
@@ -48,10 +61,13 @@ class Supervisor:
     command: Callable[[str, tuple[str, ...]], list[str]] = fluxpipe_run
     children: list[Child] = field(default_factory=list)
 
-    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, *args: str, env: dict[str, str] | None = None, nice: int = 0
+    ) -> subprocess.Popen[bytes]:
         """Start ``command(name, args)`` (``fluxpipe run <name> <args…>``) in its own session;
-        ``env`` adds to the shared environment for this child alone (e.g. its NATS user)."""
-        child = Child(name, args, env=env or {})
+        ``env`` adds to the shared environment for this child alone (e.g. its NATS user), and
+        ``nice`` lowers its CPU priority by that much."""
+        child = Child(name, args, env=env or {}, nice=nice)
         self.children.append(child)
         return self._start(child)
 
@@ -60,7 +76,7 @@ class Supervisor:
             self.command(child.name, child.args),
             env={**self.env, **child.env},
             start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=partial(_prepare_child, child.nice),
         )
         child.restart_at = None
         return child.proc
