@@ -188,10 +188,11 @@ async def wait_done(database_url: str, n: int, tag: str, timeout: float) -> floa
         await conn.close()
 
 
-async def raw_jetstream(root: Path, events: int, size: int, sync_always: bool) -> float:
+async def raw_jetstream(root: Path, events: int, size: int, sync_always: bool) -> tuple[float, float]:
     """Seconds to publish ``events`` events (64 awaited acks in flight) while a pull consumer
-    fetches and acks them, on a fresh embedded NATS."""
+    fetches and acks them, on a fresh embedded NATS; and the CPU seconds nats-server used."""
     server = EmbeddedNats.start(root / "raw-nats", sync_always=sync_always)
+    nats_cpu = {"nats-server": [psutil.Process(server.proc.pid)]}
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
@@ -215,11 +216,12 @@ async def raw_jetstream(root: Path, events: int, size: int, sync_always: bool) -
             for i in range(worker, events, 64):
                 await js.publish(f"raw.task.{i // 6}", payload)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(nats_cpu)["nats-server"]
         await asyncio.gather(consume(), *(publish(w) for w in range(64)))
         elapsed = time.perf_counter() - start
+        cpu = cpu_seconds(nats_cpu)["nats-server"] - cpu
         await nc.close()
-        return elapsed
+        return elapsed, cpu
     finally:
         server.stop()
 
@@ -244,7 +246,7 @@ def run_throughput(n: int, clients: int, users: int, sync: str) -> None:
             me = sum(psutil.Process().cpu_times()[:2]) - me_before
             per_task, size = asyncio.run(stream_shape(s, n + 4))
         elapsed = end - start
-        raw = asyncio.run(raw_jetstream(root, int(n * per_task), size, sync_always=sync == "always"))
+        raw, raw_cpu = asyncio.run(raw_jetstream(root, int(n * per_task), size, sync_always=sync == "always"))
     q = statistics.quantiles(latencies, n=100)
     print(f"\n{n} tasks, {clients} clients over {users} users, NATS sync={sync}, simulator in benchmark mode")
     print(f"  fluxpipe, submit to SUCCESS + stored (ours)  {n / elapsed:8.1f} tasks/s   {elapsed:7.1f}s")
@@ -263,7 +265,10 @@ def run_throughput(n: int, clients: int, users: int, sync: str) -> None:
         apart = role == "simulator"
         if not apart:
             total += used
-        print(f"    {role:<12}{used / n * 1000:8.2f}{'   (apart: the provider)' if apart else ''}")
+        note = "   (apart: the provider)" if apart else ""
+        if role == "nats-server":
+            note = f"   (raw JetStream, the same events: {raw_cpu / n * 1000:.2f})"
+        print(f"    {role:<12}{used / n * 1000:8.2f}{note}")
     print(f"    {'total':<12}{total / n * 1000:8.2f}   (ours: services, NATS, PostgreSQL)")
     print(f"    {'harness':<12}{me / n * 1000:8.2f}   (apart: the HTTP clients and this bench)")
 
