@@ -148,7 +148,10 @@ def run(
 
         from services.gateway.app import create_app
 
-        uvicorn.run(create_app(settings), **gateway_server_options(host, port))
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn.Config(app, **gateway_server_options(host, port)))
+        app.state.server = server  # its start-up gives up on NATS when told to stop
+        server.run()
         return
     import uvloop  # libuv's event loop: less CPU per socket operation than asyncio's own
 

@@ -108,10 +108,11 @@ def test_a_dead_embedded_server_is_started_again_until_it_crash_loops():
     assert made[-1].alive
 
 
-@pytest.mark.parametrize("service", ["submitter", "projector"])
+@pytest.mark.parametrize("service", ["submitter", "projector", "gateway"])
 def test_a_service_still_reaching_nats_stops_at_once_on_sigterm(service: str, tmp_path):
     """Before it has reached NATS (retried forever) a service has nothing to finish: a stop
-    must end it, or it would outlive its supervisor."""
+    must end it, or it would outlive its supervisor. (The gateway's start-up then fails:
+    uvicorn's exit code 3.)"""
     import os
     import signal
     import subprocess
@@ -119,17 +120,25 @@ def test_a_service_still_reaching_nats_stops_at_once_on_sigterm(service: str, tm
     from services.common.embedded import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "DATABASE_", "FLUXPIPE_"))}
-    env.update(NATS_URL=f"nats://127.0.0.1:{free_port()}", FLUXPIPE_JWT_SECRET="s" * 32, FAL_KEY="k")
+    env.update(
+        NATS_URL=f"nats://127.0.0.1:{free_port()}",
+        FLUXPIPE_JWT_SECRET="s" * 32,
+        FLUXPIPE_IDEMPOTENCY_SECRET="i" * 32,
+        FAL_KEY="k",
+    )
+    port = ["--port", str(free_port())] if service == "gateway" else []
     log = tmp_path / "log"
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", service], env=env, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", service, *port], env=env, stderr=err
+        )
     try:
         deadline = time.monotonic() + 60
         while "Connection refused" not in log.read_text():  # it is retrying the connect
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(30) == (3 if service == "gateway" else 0)
     finally:
         if proc.poll() is None:
             proc.kill()

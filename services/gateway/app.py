@@ -78,6 +78,20 @@ async def _passes(check: Callable[[], Awaitable[None]], within: float = 2.0) -> 
     return True
 
 
+async def _connect_unless_stopped(settings: Settings, app: FastAPI) -> Bus:
+    """Connect to NATS (retried forever), but give up when the server is told to stop: uvicorn
+    only notes a SIGTERM during start-up, so a gateway whose NATS is unreachable would
+    otherwise outlive its supervisor. ``app.state.server`` is the uvicorn server, if known."""
+    connecting = asyncio.ensure_future(Bus.connect(settings, "gateway"))
+    server = getattr(app.state, "server", None)
+    while not connecting.done():
+        await asyncio.wait({connecting}, timeout=0.2)
+        if server is not None and server.should_exit and not connecting.done():
+            connecting.cancel()
+            raise RuntimeError("stopped while connecting to NATS")
+    return connecting.result()
+
+
 def create_app(settings: Settings) -> FastAPI:
     check_secret(settings)
     check_default_model(settings)
@@ -85,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.bus = await Bus.connect(settings, "gateway")
+        app.state.bus = await _connect_unless_stopped(settings, app)
         app.state.engine = make_engine(settings)
         app.state.storage = make_storage(settings)
         await admission.start(app, settings, app.state.bus)
