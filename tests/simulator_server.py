@@ -29,7 +29,12 @@ def serve(build: Callable[[str], ASGIApp], port: int = 0) -> Iterator[str]:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(build(base_url), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    # h11, not httptools (picked by "auto" once installed): httptools lowercases header names,
+    # and the COS simulator must send COS's own casing (``ETag``), which the SDK reads from a
+    # plain dict.
+    config = uvicorn.Config(
+        build(base_url), log_level="warning", lifespan="on", timeout_graceful_shutdown=2, http="h11"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
