@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos clean
+.PHONY: run test lint bench bench-scale chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,10 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py $(ARGS)
 	$(BIN)/python bench/bench_e2e.py
+
+# Issue 10's figures (docs/BENCHMARKS.md): about 25 minutes on 2 cores.
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.bench_scale --tasks 1000 --tasks 10000
+	$(BIN)/python -m bench.bench_scale --memory
+	$(BIN)/python -m bench.bench_submit
+	$(BIN)/python -m bench.bench_replay --events 1000000
