@@ -10,6 +10,11 @@ Invariants:
 - A task's state is read back in one round trip (``latest``: a batched direct get of the last
   event of each kind), and waits on a task's events share one subscription per event kind per
   process (``watching``), never a subscription per task: per-task reads are the hot path.
+  With a replicated stream a direct get may be answered by a follower a few milliseconds
+  behind the leader. Nothing depends on reading one's own latest write: a redelivery comes
+  seconds later, a terminal event missed by a stale read is refused as a duplicate (all of a
+  task's ends share one msg id), and a cancel missed by the submitter is found when it waits
+  on the task and is sent on to fal.
 - A re-driven dead letter (``fluxpipe dlq redrive``) is the original event republished on its
   own subject with a ``Fluxpipe-Redrive-Of`` header: its consumer handles it like any
   redelivery (handlers are idempotent; ``origin_seq`` gives the original position), and
