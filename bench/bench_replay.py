@@ -35,7 +35,8 @@ from services.common.bus import Bus
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.migrate import upgrade
 from services.common.settings import Settings
-from services.projector.replay import _columns, replay
+from services.projector.replay import replay
+from services.projector.shadow import table_columns
 
 
 async def publish(bus: Bus, events: int) -> float:
@@ -81,7 +82,7 @@ async def plain_copy(dsn: str) -> tuple[int, float]:
         elapsed = 0.0
         for table in ("flux_tasks", "image_history"):
             scratch = f"bench_copy_{table}"
-            columns = [n for n, _ in await _columns(conn, table)]
+            columns = [n for n, _ in await table_columns(conn, table)]
             records = [tuple(r) for r in await conn.fetch(f"select * from {table}")]
             await conn.execute(f"drop table if exists {scratch}")
             await conn.execute(f"create table {scratch} (like {table} including defaults)")
