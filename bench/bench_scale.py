@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,18 +80,29 @@ class Stack:
         return roles
 
 
-def cpu_seconds(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+def per_role(
+    procs: dict[str, list[psutil.Process]], measure: Callable[[psutil.Process], float]
+) -> dict[str, float]:
+    """``measure`` summed over each role's processes (a process gone meanwhile counts 0)."""
     out: dict[str, float] = {}
     for role, ps in procs.items():
         total = 0.0
         for p in ps:
             try:
-                t = p.cpu_times()
-                total += t.user + t.system
+                total += measure(p)
             except psutil.Error:
                 pass
         out[role] = total
     return out
+
+
+def cpu_seconds(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    return per_role(procs, lambda p: sum(p.cpu_times()[:2]))
+
+
+def rss(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """MB resident per role."""
+    return per_role(procs, lambda p: p.memory_info().rss / 2**20)
 
 
 @contextmanager
@@ -310,19 +321,6 @@ def run_memory(waiting: int, in_flight: int, clients: int, users: int) -> None:
     print(f"\nRSS with {waiting} tasks waiting and {in_flight} at fal (submitted in {submitted:.0f}s), MB")
     for role in sorted(loaded):
         print(f"  {role:<12}{loaded[role]:8.1f}   idle {idle.get(role, 0):6.1f}")
-
-
-def rss(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for role, ps in procs.items():
-        total = 0
-        for p in ps:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        out[role] = total / 2**20
-    return out
 
 
 async def wait_running(database_url: str, in_flight: int) -> None:

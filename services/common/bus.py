@@ -92,7 +92,7 @@ class Bus:
     _reply_prefix: str | None = field(default=None, init=False, repr=False)
     _batches: dict[str, _Batch] = field(default_factory=dict, init=False, repr=False)
     _batch_ids: itertools.count[int] = field(default_factory=itertools.count, init=False, repr=False)
-    _watched: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _watched: set[str] = field(default_factory=set, init=False, repr=False)
     _watchers: dict[str, list[tuple[frozenset[str], asyncio.Event]]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -313,9 +313,8 @@ class Bus:
         async with self._lock:
             new = [t for t in tokens if t not in self._watched]
             for token in new:
-                self._watched[token] = await self.nc.subscribe(
-                    self.task_subject("*", token), cb=self._on_watched
-                )
+                await self.nc.subscribe(self.task_subject("*", token), cb=self._on_watched)
+                self._watched.add(token)
             if new:
                 with contextlib.suppress(nats.errors.Error, TimeoutError):
                     await self.nc.flush(timeout=5)
